@@ -1,0 +1,39 @@
+"""Build a segmentation backend by name: the one place the orchestrator and tests resolve
+``backend.name`` from a config into a :class:`~models.segmentation.Segmenter`.
+
+Backends are imported lazily so that choosing Frangi never imports transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.errors import UserError
+from models.segmentation import Segmenter
+
+BACKENDS = ("frangi", "sa2va")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A picklable recipe for a backend: Ray workers build their backend from it."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Segmenter:
+        return make_segmenter(self.name, **self.options)
+
+
+def make_segmenter(name: str, **options: Any) -> Segmenter:
+    """Instantiate backend ``name`` with its keyword ``options``."""
+    if name == "frangi":
+        from models.frangi import FrangiSegmenter
+
+        return FrangiSegmenter(**options)
+    if name == "sa2va":
+        from models.sa2va import Sa2VASegmenter
+
+        return Sa2VASegmenter(**options)
+    raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

@@ -1,0 +1,247 @@
+"""The one config schema: every ``tune_configs/*.yaml`` is validated here before Ray starts.
+
+Variants compose a base instead of copying it (Hydra's pattern): a file may say
+``extends: base.yaml`` (relative to itself) and then override any subset of keys; mappings merge
+recursively, everything else replaces. Unknown keys, wrong types and out-of-range values are
+rejected with the dotted key, the value and what is allowed.
+
+pydantic does the type and range checking: it reports every bad key at once with its location,
+which hand-written dataclass validation would have to re-implement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.errors import UserError
+from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+EXPERIMENTS = ("prompt", "postprocess", "reward")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    path: str | None = None
+    """Dataset directory (annotations.json, COCO JSON, or images/+masks/). None: the built-in
+    synthetic angiograms, generated into the run directory."""
+    format: Literal["auto", "sa2va", "coco", "folders"] = "auto"
+    """Dataset format; auto detects it from the files present."""
+    group_pattern: str | None = "default"
+    """Regex with a named group ``group`` applied to file stems ("default": the original
+    ``<name>(<id>)_<a>-<b>_<c>_<hash>_frame_<n>`` naming; null: one group per image)."""
+    skip_bad: bool = False
+    """Skip (and report) bad entries instead of stopping."""
+    synthetic_n: int = Field(160, ge=12, le=100_000)
+    """Frames of the built-in synthetic dataset."""
+    synthetic_seed: int = Field(0, ge=0)
+    """Seed of the built-in synthetic dataset."""
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    """Train/val/test image shares; whole groups (videos) are assigned to one split."""
+    split_seed: int = Field(0, ge=0)
+    """Seed of the group shuffle."""
+    max_train_images: int | None = Field(None, ge=1)
+    """Use at most this many training images for RL (the original quick mode used 20)."""
+    max_eval_images: int | None = Field(None, ge=1)
+    """Evaluate on at most this many test images (None: all)."""
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> DataConfig:
+        if any(f < 0 for f in self.split_fractions) or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(
+                f"split_fractions must be three non-negative shares summing to 1, "
+                f"got {list(self.split_fractions)}"
+            )
+        return self
+
+
+class BackendConfig(_Section):
+    name: Literal["frangi", "sa2va"] = "frangi"
+    """Segmentation backend: frangi (CPU, classical, built in) or sa2va (the real model)."""
+    model_path: str | None = None
+    """Sa2VA: local folder or hub id (a hub id needs ``revision``)."""
+    revision: str | None = None
+    """Sa2VA: pinned 40-hex commit of a hub id."""
+    model_size: Literal["1B", "4B", "8B", "26B"] = "4B"
+    """Sa2VA size, for the GPU memory plan (weights footprint)."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    allow_unpinned_remote_code: bool = False
+    """Allow trust_remote_code from a hub id without a pinned revision (unsafe)."""
+
+
+class GpuConfig(_Section):
+    inventory: str | None = None
+    """Declared GPUs ``TOTAL:USED`` in GB, comma-separated, nodes separated by ``;``.
+    None: read with NVML."""
+    model_gb: float | None = Field(None, gt=0)
+    """Override the backend's footprint (GB)."""
+    margin_gb: float = Field(1.0, ge=0)
+    """Safety margin kept free on every GPU (GB)."""
+
+
+class WorkersConfig(_Section):
+    cpu_workers: int = Field(1, ge=1, le=64)
+    """Segmentation workers on a machine without planned GPUs."""
+    cache_dir: str = "~/.cache/sa2va-rl/inference"
+    """Inference cache shared by runs (memory + disk); put it on shared storage on a cluster."""
+    memory_cache_mb: int = Field(512, ge=0)
+    """Per-worker in-memory cache bound."""
+
+
+class EnvConfig(_Section):
+    max_steps: int = Field(3, ge=1, le=50)
+    """Steps per episode (one image per episode)."""
+    prompts: tuple[str, ...] = CANDIDATE_PROMPTS
+    """Candidate prompts the prompt policies choose from."""
+    default_prompt: str = DEFAULT_PROMPT
+    """Prompt of the baseline; episodes of the prompt envs start from its mask."""
+    recall_weight: float = Field(0.0, ge=0, le=1)
+    """Objective = (1 - w) * Dice + w * Recall for the ground-truth rewards."""
+
+    @model_validator(mode="after")
+    def _default_prompt_is_a_candidate(self) -> EnvConfig:
+        if len(self.prompts) < 2:
+            raise ValueError("prompts must list at least 2 candidates")
+        if self.default_prompt not in self.prompts:
+            raise ValueError(f"default_prompt {self.default_prompt!r} must be one of prompts")
+        return self
+
+
+class PpoConfig(_Section):
+    total_env_steps: int = Field(2000, ge=1)
+    """Environment steps per PPO experiment."""
+    num_envs: int = Field(2, ge=1, le=64)
+    """Vectorised environments per PPO trial."""
+    lr: float = Field(3e-4, gt=0, le=1)
+    gamma: float = Field(0.99, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_param: float = Field(0.2, gt=0, le=1)
+    entropy_coeff: float = Field(0.01, ge=0)
+    vf_loss_coeff: float = Field(0.5, ge=0)
+    train_batch_size: int = Field(256, ge=8)
+    """Env steps per PPO iteration."""
+    minibatch_size: int = Field(64, ge=1)
+    num_epochs: int = Field(10, ge=1)
+    hidden: tuple[int, ...] = (128, 64)
+    """Separate policy and value MLPs with these hidden sizes."""
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _minibatch_fits(self) -> PpoConfig:
+        if self.minibatch_size > self.train_batch_size:
+            raise ValueError(
+                f"minibatch_size ({self.minibatch_size}) must not exceed "
+                f"train_batch_size ({self.train_batch_size})"
+            )
+        return self
+
+
+class RewardNetConfig(_Section):
+    input_size: int = Field(128, ge=32, le=1024)
+    """Side the (image, mask) pair is resized to."""
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    samples_per_image: int = Field(8, ge=1)
+    """Masks per training image: every prompt and random op sequences, subsampled."""
+    seed: int = Field(0, ge=0)
+
+
+class RunConfig(_Section):
+    mode: str = "custom"
+    """Name shown in reports (smoke, quick, full)."""
+    experiments: tuple[Literal["prompt", "postprocess", "reward"], ...] = EXPERIMENTS
+    """Which experiments to run."""
+    data: DataConfig = DataConfig()
+    backend: BackendConfig = BackendConfig()
+    gpu: GpuConfig = GpuConfig()
+    workers: WorkersConfig = WorkersConfig()
+    env: EnvConfig = EnvConfig()
+    ppo: PpoConfig = PpoConfig()
+    reward_net: RewardNetConfig = RewardNetConfig()
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise UserError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise UserError(
+            f"config file {path} not found; the shipped ones are in {CONFIG_DIR} "
+            f"({', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))})"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    return _merge(_read_yaml(path.parent / str(parent), (*seen, path)), data)
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    section: type[BaseModel] = RunConfig
+    for part in loc:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        section = annotation
+    return section
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        section = _section_at(tuple(error["loc"][:-1]))
+        allowed = f"; allowed here: {', '.join(section.model_fields)}" if section else ""
+        return f"unknown key {key!r}{allowed}"
+    if error["type"] == "literal_error":
+        return f"key {key!r}: got {error['input']!r}, allowed: {error['ctx']['expected']}"
+    return f"key {key!r}: {error['msg']} (got {error['input']!r})"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a config mapping; a ``UserError`` lists every bad key with what is allowed."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "\n  ".join(_describe(e) for e in err.errors())
+        raise UserError(
+            f"{source}: invalid config:\n  {problems}\n"
+            "Every key is documented in orchestrator/config.py; fix or remove the keys above."
+        ) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load ``path`` (following ``extends``), apply ``overrides`` (nested dict), validate."""
+    resolved = Path(path).expanduser()
+    data = _read_yaml(resolved.resolve())
+    if overrides:
+        data = _merge(data, overrides)
+    return parse_config(data, source=str(path))
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain-YAML/JSON form (tuples as lists) of a resolved config, for the run directory."""
+    return config.model_dump(mode="json")

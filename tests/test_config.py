@@ -1,0 +1,83 @@
+"""The config schema: composition of the shipped variants and errors that name the bad key."""
+
+from pathlib import Path
+
+import pytest
+
+from models.errors import UserError
+from orchestrator.config import CONFIG_DIR, RunConfig, load_config, parse_config
+
+
+def test_variants_compose_base() -> None:
+    smoke = load_config(CONFIG_DIR / "smoke.yaml")
+    quick = load_config(CONFIG_DIR / "quick.yaml")
+    full = load_config(CONFIG_DIR / "full.yaml")
+    assert (smoke.mode, quick.mode, full.mode) == ("smoke", "quick", "full")
+    # The original quick and full modes (SEEDS.md).
+    assert (quick.data.max_train_images, quick.ppo.total_env_steps, quick.ppo.num_envs) == (
+        20,
+        2000,
+        2,
+    )
+    assert (full.data.max_train_images, full.ppo.total_env_steps, full.ppo.num_envs) == (
+        100,
+        10000,
+        4,
+    )
+    # PPO hyper-parameters come from base.yaml in every variant: the original settings.
+    for cfg in (smoke, quick, full):
+        ppo = cfg.ppo
+        assert (ppo.lr, ppo.gamma, ppo.gae_lambda, ppo.clip_param) == (3e-4, 0.99, 0.95, 0.2)
+        assert (ppo.entropy_coeff, ppo.vf_loss_coeff, ppo.hidden) == (0.01, 0.5, (128, 64))
+        assert cfg.experiments == ("prompt", "postprocess", "reward")
+    # smoke overrides the minibatch; quick and full keep the original 64.
+    assert (smoke.ppo.minibatch_size, quick.ppo.minibatch_size) == (16, 64)
+
+
+def test_every_shipped_file_validates() -> None:
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    assert names == ["base.yaml", "full.yaml", "quick.yaml", "smoke.yaml"]
+    for name in names:
+        assert isinstance(load_config(CONFIG_DIR / name), RunConfig)
+
+
+def test_errors_name_every_bad_key() -> None:
+    with pytest.raises(UserError) as err:
+        parse_config({"ppo": {"lr": -1, "bogus": 2}, "backend": {"name": "x"}, "zzz": 1})
+    text = str(err.value)
+    assert "key 'backend.name': got 'x', allowed: 'frangi' or 'sa2va'" in text
+    assert "key 'ppo.lr': Input should be greater than 0 (got -1)" in text
+    assert "unknown key 'ppo.bogus'; allowed here: total_env_steps" in text
+    assert "unknown key 'zzz'; allowed here: mode, experiments" in text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"data": {"split_fractions": [0.5, 0.5, 0.5]}}, "summing to 1"),
+        ({"ppo": {"minibatch_size": 512, "train_batch_size": 256}}, "must not exceed"),
+        ({"env": {"default_prompt": "segment a cat"}}, "must be one of prompts"),
+        ({"experiments": ["prompt", "dance"]}, "'experiments.1': got 'dance'"),
+        ({"env": {"max_steps": 0}}, "key 'env.max_steps'"),
+    ],
+)
+def test_cross_field_and_range_errors(data: dict, message: str) -> None:
+    with pytest.raises(UserError, match="invalid config") as err:
+        parse_config(data)
+    assert message in str(err.value)
+
+
+def test_extends_and_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "parent.yaml").write_text("ppo:\n  lr: 0.001\n  seed: 3\n")
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\nppo:\n  seed: 7\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.ppo.lr, cfg.ppo.seed) == (0.001, 7)
+
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "bad.yaml").write_text("ppo: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="not found; the shipped ones are in"):
+        load_config(tmp_path / "missing.yaml")
