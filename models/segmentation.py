@@ -8,6 +8,8 @@ table version, thresholds).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -56,3 +58,38 @@ class Segmenter(Protocol):
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """Segment what ``prompt`` names in ``image`` (uint8 HxWx3 RGB)."""
         ...
+
+
+def image_digest(image: np.ndarray) -> str:
+    """sha256 of an image's bytes, shape and dtype: the image part of every cache key."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.dtype.str}{image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+class MemoSegmenter:
+    """An in-process LRU memo around a backend, for use without Ray workers (unit tests,
+    ``gymnasium.make`` defaults, notebooks): a repeated (image, prompt) is not recomputed."""
+
+    def __init__(self, backend: Segmenter, max_items: int = 512) -> None:
+        self.backend = backend
+        self.max_items = max_items
+        self.forward_passes = 0
+        self._memo: OrderedDict[tuple[str, str], Segmentation] = OrderedDict()
+
+    @property
+    def backend_id(self) -> str:
+        return self.backend.backend_id
+
+    def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
+        key = (image_digest(image), prompt)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return self._memo[key]
+        result = self.backend.segment(image, prompt)
+        self.forward_passes += 1
+        self._memo[key] = result
+        if len(self._memo) > self.max_items:
+            self._memo.popitem(last=False)
+        return result

@@ -1,0 +1,187 @@
+"""The three experiments as gymnasium environments.
+
+- :class:`PromptSelectionEnv` (experiment 1): each action picks one of the candidate prompts;
+  the mask becomes that prompt's segmentation. Reward: change of ground-truth Dice.
+- :class:`PostProcessEnv` (experiment 2): each action applies one mask operation (or stops) to
+  the base prompt's mask. Reward: change of ground-truth Dice.
+- :class:`RewardGuidedPromptEnv` (experiment 3): experiment 1's actions, but the reward is the
+  change of the reward network's score: no ground truth needed.
+
+All take the same data keywords (``data``, ``split``, ``manifest``, ``max_images``, or
+``samples``) and an injected ``segmenter``; with no arguments they run on a small built-in
+synthetic set with a local Frangi backend. None of them loads a model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from envs.mask_ops import MaskOpsConfig, MaskState, apply_op, op_available
+from envs.objectives import GroundTruthObjective, Objective, RewardNetObjective
+from envs.sample import Sample
+from envs.segmentation_env import SegmentationEnv
+from envs.sources import default_reward_scorer, default_segmenter, load_samples
+from models.errors import UserError
+from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
+from models.reward_net import RewardScorer, load_checkpoint
+from models.segmentation import Segmenter
+
+DataArg = str | Path | None
+
+
+def _check_prompts(prompts: Sequence[str], default_prompt: str) -> tuple[str, ...]:
+    prompts = tuple(prompts)
+    if len(prompts) < 2:
+        raise UserError(f"prompts must list at least 2 candidates, got {list(prompts)}")
+    if default_prompt not in prompts:
+        raise UserError(f"default_prompt {default_prompt!r} must be one of prompts {prompts}")
+    return prompts
+
+
+class PromptSelectionEnv(SegmentationEnv):
+    """Experiment 1: pick a prompt per step; start from the default prompt's mask.
+
+    ``info`` adds ``prompt`` (the text chosen).
+    """
+
+    def __init__(
+        self,
+        data: DataArg = None,
+        split: str = "train",
+        segmenter: Segmenter | None = None,
+        max_steps: int = 3,
+        prompts: Sequence[str] = CANDIDATE_PROMPTS,
+        default_prompt: str = DEFAULT_PROMPT,
+        recall_weight: float = 0.0,
+        manifest: DataArg = None,
+        max_images: int | None = None,
+        samples: Sequence[Sample] | None = None,
+        objective: Objective | None = None,
+    ) -> None:
+        self.prompts = _check_prompts(prompts, default_prompt)
+        self.default_prompt = default_prompt
+        objective = objective or GroundTruthObjective(recall_weight)
+        super().__init__(
+            samples=load_samples(
+                data,
+                split=split,
+                manifest=manifest,
+                max_images=max_images,
+                samples=samples,
+                require_masks=objective.needs_ground_truth,
+            ),
+            segmenter=segmenter or default_segmenter(),
+            objective=objective,
+            action_names=self.prompts,
+            max_steps=max_steps,
+        )
+
+    def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
+        return MaskState.from_segmentation(self.segmenter.segment(sample.image, self.default_prompt))
+
+    def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
+        prompt = self.prompts[action]
+        segmentation = self.segmenter.segment(self.sample.image, prompt)
+        return MaskState.from_segmentation(segmentation), False, {"prompt": prompt}
+
+
+class RewardGuidedPromptEnv(PromptSelectionEnv):
+    """Experiment 3, step 2: experiment 1's actions, rewarded by the reward network's score.
+
+    ``reward_net`` is a checkpoint path or a loaded :class:`~models.reward_net.RewardScorer`;
+    when omitted, a small network is trained once on the built-in synthetic set and cached
+    (minutes-scale only the first time). Images without ground truth are fine; where ground
+    truth exists it is only reported in ``info``.
+    """
+
+    def __init__(
+        self,
+        data: DataArg = None,
+        split: str = "train",
+        segmenter: Segmenter | None = None,
+        max_steps: int = 3,
+        prompts: Sequence[str] = CANDIDATE_PROMPTS,
+        default_prompt: str = DEFAULT_PROMPT,
+        recall_weight: float = 0.0,
+        manifest: DataArg = None,
+        max_images: int | None = None,
+        samples: Sequence[Sample] | None = None,
+        reward_net: str | Path | RewardScorer | None = None,
+        expected_backend_id: str | None = None,
+        expected_manifest_hash: str | None = None,
+    ) -> None:
+        segmenter = segmenter or default_segmenter()
+        if reward_net is None:
+            scorer = default_reward_scorer(segmenter)
+        elif isinstance(reward_net, RewardScorer):
+            scorer = reward_net
+        else:
+            scorer = load_checkpoint(
+                reward_net,
+                backend_id=expected_backend_id,
+                manifest_hash=expected_manifest_hash,
+            )
+        super().__init__(
+            data=data,
+            split=split,
+            segmenter=segmenter,
+            max_steps=max_steps,
+            prompts=prompts,
+            default_prompt=default_prompt,
+            manifest=manifest,
+            max_images=max_images,
+            samples=samples,
+            objective=RewardNetObjective(scorer, recall_weight),
+        )
+
+
+class PostProcessEnv(SegmentationEnv):
+    """Experiment 2: apply mask operations (see :mod:`envs.mask_ops`) to the base prompt's mask;
+    the ``stop`` action ends the episode early.
+
+    ``reset(options={"base_prompt": ...})`` starts from another prompt's mask (the combined
+    method: prompt policy first, then post-processing). ``info`` adds ``op`` and
+    ``op_available`` (False for a threshold op without a soft mask: it changed nothing).
+    """
+
+    def __init__(
+        self,
+        data: DataArg = None,
+        split: str = "train",
+        segmenter: Segmenter | None = None,
+        max_steps: int = 3,
+        base_prompt: str = DEFAULT_PROMPT,
+        recall_weight: float = 0.0,
+        manifest: DataArg = None,
+        max_images: int | None = None,
+        samples: Sequence[Sample] | None = None,
+        mask_ops: MaskOpsConfig | dict[str, Any] | None = None,
+    ) -> None:
+        if mask_ops is None:
+            mask_ops = MaskOpsConfig()
+        elif isinstance(mask_ops, dict):
+            mask_ops = MaskOpsConfig.from_dict(mask_ops)
+        self.ops_config = mask_ops
+        self.base_prompt = base_prompt
+        super().__init__(
+            samples=load_samples(
+                data, split=split, manifest=manifest, max_images=max_images, samples=samples
+            ),
+            segmenter=segmenter or default_segmenter(),
+            objective=GroundTruthObjective(recall_weight),
+            action_names=mask_ops.ops,
+            max_steps=max_steps,
+        )
+
+    def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
+        prompt = options.get("base_prompt", self.base_prompt)
+        return MaskState.from_segmentation(self.segmenter.segment(sample.image, prompt))
+
+    def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
+        name = self.ops_config.ops[action]
+        info = {"op": name, "op_available": op_available(name, self.state)}
+        if name == "stop":
+            return self.state, True, info
+        return apply_op(name, self.state, self.ops_config), False, info
