@@ -19,6 +19,8 @@ from models.errors import UserError
 
 COMMAND_MODULES = (
     "orchestrator.commands.demo_data",
+    "orchestrator.commands.check_data",
+    "orchestrator.commands.plan",
 )
 
 EXIT_USER_ERROR = 2
