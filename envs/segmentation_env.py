@@ -6,7 +6,7 @@ objective's change, observations, ``info``. A subclass says only where an episod
 (``_initial_state``) and what an action does (``_transition``).
 
 Observations are computed from the image and the current mask only (see :mod:`envs.features`),
-plus a one-hot of the previous action (none at reset). Ground truth reaches the reward and
+plus the current soft-mask threshold and a one-hot of the previous action (none at reset). Ground truth reaches the reward and
 ``info``, never the observation.
 
 ``info`` after every ``reset``/``step``: ``image_id``, ``objective``, ``best_reward`` (best
@@ -32,10 +32,11 @@ from models.segmentation import Segmenter
 
 
 def observation_space(n_actions: int) -> gym.spaces.Box:
-    """:func:`envs.features.observation_space` followed by a one-hot of the previous action."""
+    """:func:`envs.features.observation_space`, then the current threshold on the soft mask
+    (post-processing moves it; 0.5 otherwise), then a one-hot of the previous action."""
     base = features.observation_space()
-    low = np.concatenate([base.low, np.zeros(n_actions, np.float32)])
-    high = np.concatenate([base.high, np.ones(n_actions, np.float32)])
+    low = np.concatenate([base.low, np.zeros(1 + n_actions, np.float32)])
+    high = np.concatenate([base.high, np.ones(1 + n_actions, np.float32)])
     return gym.spaces.Box(low=low, high=high, dtype=np.float32)
 
 
@@ -162,7 +163,8 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         last = np.zeros(len(self.action_names), dtype=np.float32)
         if self._last_action is not None:
             last[self._last_action] = 1.0
-        return np.concatenate([base, last])
+        threshold = np.array([state.threshold], dtype=np.float32)
+        return np.concatenate([base, threshold, last])
 
     def _info(self, action: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {

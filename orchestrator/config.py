@@ -167,6 +167,19 @@ class RunConfig(_Section):
     env: EnvConfig = EnvConfig()
     ppo: PpoConfig = PpoConfig()
     reward_net: RewardNetConfig = RewardNetConfig()
+    mask_ops: dict[str, Any] = Field(default_factory=dict)
+    """Post-processing operations and their parameters: keys of ``envs.mask_ops.MaskOpsConfig``
+    (e.g. ``ops``, ``close_kernel``, ``threshold_step``); empty: its defaults."""
+
+    @model_validator(mode="after")
+    def _mask_ops_valid(self) -> RunConfig:
+        from envs.mask_ops import MaskOpsConfig
+
+        try:
+            MaskOpsConfig.from_dict(dict(self.mask_ops))
+        except UserError as err:
+            raise ValueError(f"mask_ops: {err}") from None
+        return self
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +229,9 @@ def _describe(error: Any) -> str:
         section = _section_at(tuple(error["loc"][:-1]))
         allowed = f"; allowed here: {', '.join(section.model_fields)}" if section else ""
         return f"unknown key {key!r}{allowed}"
+    if error["type"] == "value_error":
+        where = "" if key == "(top level)" else f"key {key!r}: "
+        return where + error["msg"].removeprefix("Value error, ")
     if error["type"] == "literal_error":
         return f"key {key!r}: got {error['input']!r}, allowed: {error['ctx']['expected']}"
     return f"key {key!r}: {error['msg']} (got {error['input']!r})"

@@ -1,0 +1,154 @@
+"""RLlib PPO for the experiments: the algorithm config, episode metrics, and policy export.
+
+The PPO settings are the original experiments' (see ``tune_configs/base.yaml``); every one is
+set explicitly because RLlib's defaults differ (lr 5e-5, lambda 1.0, clip 0.3, ...). Sampling
+happens in the trial's own process (``num_env_runners=0``) with ``num_envs`` vectorised envs, so
+a trial needs exactly the CPU share Tune gives it.
+
+The trained policy is exported as a plain state dict (:func:`export_policy`) that
+:class:`ExportedPolicy` loads with ``torch.load(weights_only=True)`` and runs without Ray or
+RLlib: evaluation needs no pickled RLlib objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+from models.errors import UserError
+from orchestrator import metric_keys as mk
+from orchestrator.config import PpoConfig
+
+POLICY_FORMAT_VERSION = 1
+
+
+class EpisodeMetrics(RLlibCallback):
+    """Logs the last step's ground-truth Dice/Recall, reward-net score and best objective of
+    every episode (mean over a 100-episode window) under ``env_runners/<key>``."""
+
+    def on_episode_end(self, *, episode: Any, metrics_logger: Any = None, **kwargs: Any) -> None:
+        infos = episode.get_infos()
+        last = infos[-1] if infos else {}
+        for key, info_key in mk.INFO_KEY_OF.items():
+            if info_key in last:
+                metrics_logger.log_value(key, float(last[info_key]), reduce="mean", window=100)
+
+
+def build_ppo_config(ppo: PpoConfig, env_name: str, env_config: dict[str, Any]) -> PPOConfig:
+    """The PPO algorithm config for one experiment's registered env."""
+    return (
+        PPOConfig()
+        .environment(env=env_name, env_config=env_config)
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=ppo.num_envs)
+        .training(
+            lr=ppo.lr,
+            gamma=ppo.gamma,
+            lambda_=ppo.gae_lambda,
+            clip_param=ppo.clip_param,
+            entropy_coeff=ppo.entropy_coeff,
+            vf_loss_coeff=ppo.vf_loss_coeff,
+            train_batch_size_per_learner=ppo.train_batch_size,
+            minibatch_size=ppo.minibatch_size,
+            num_epochs=ppo.num_epochs,
+        )
+        .rl_module(
+            model_config=DefaultModelConfig(fcnet_hiddens=list(ppo.hidden), vf_share_layers=False)
+        )
+        .learners(num_learners=0)
+        .callbacks(EpisodeMetrics)
+        .debugging(seed=ppo.seed)
+        .reporting(metrics_num_episodes_for_smoothing=100)
+    )
+
+
+def _nested(result: dict[str, Any], path: tuple[str, ...] | str) -> Any:
+    value: Any = result
+    for part in (path,) if isinstance(path, str) else path:
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def flatten_result(result: dict[str, Any]) -> dict[str, float]:
+    """RLlib's nested training result -> our metric keys (absent values are left out)."""
+    runners = result.get("env_runners", {})
+    learner = _nested(result, mk.RLLIB_LEARNER) or {}
+    flat: dict[str, Any] = {
+        mk.EP_REW_MEAN: _nested(result, mk.RLLIB_EPISODE_RETURN),
+        mk.EP_LEN_MEAN: _nested(result, mk.RLLIB_EPISODE_LEN),
+        mk.ENV_STEPS: result.get(mk.RLLIB_ENV_STEPS),
+        mk.ITERATION: result.get("training_iteration"),
+        **{key: runners.get(key) for key in mk.EPISODE_CUSTOM_KEYS},
+        **{key: learner.get(name) for key, name in mk.RLLIB_LEARNER_KEYS.items()},
+    }
+    return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and np.isfinite(v)}
+
+
+def export_policy(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
+    """Save the policy network (encoder + head) as a plain state dict with ``metadata``."""
+    state = {
+        k: v.detach().cpu()
+        for k, v in module.state_dict().items()
+        if k.startswith(("encoder.actor_encoder.", "pi."))
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, tmp)
+    tmp.replace(path)
+    return path
+
+
+class ExportedPolicy:
+    """A policy saved by :func:`export_policy`, runnable with torch alone.
+
+    Rebuilds RLlib's default MLP (tanh hidden layers, linear logits head) from the saved
+    weights; :meth:`act` is greedy (argmax), which is what evaluation wants.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], metadata: dict[str, Any]):
+        self.layers = layers
+        self.metadata = metadata
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExportedPolicy:
+        path = Path(path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            state, metadata = payload["state_dict"], dict(payload["metadata"])
+        except FileNotFoundError:
+            raise UserError(f"policy file {path} not found; re-run the experiment") from None
+        except Exception as err:
+            raise UserError(f"policy file {path} is unreadable ({err}); re-run it") from None
+        hidden = sorted(
+            {int(k.split(".")[-2]) for k in state if k.startswith("encoder.actor_encoder.")}
+        )
+        layers = [
+            (
+                state[f"encoder.actor_encoder.net.mlp.{i}.weight"],
+                state[f"encoder.actor_encoder.net.mlp.{i}.bias"],
+            )
+            for i in hidden
+        ]
+        heads = sorted({int(k.split(".")[-2]) for k in state if k.startswith("pi.")})
+        layers += [(state[f"pi.net.mlp.{i}.weight"], state[f"pi.net.mlp.{i}.bias"]) for i in heads]
+        return cls(layers, metadata)
+
+    def logits(self, observation: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(observation, dtype=torch.float32).reshape(1, -1)
+        with torch.no_grad():
+            for i, (weight, bias) in enumerate(self.layers):
+                x = torch.nn.functional.linear(x, weight, bias)
+                if i < len(self.layers) - 1:
+                    x = torch.tanh(x)
+        return x[0].numpy()
+
+    def act(self, observation: np.ndarray) -> int:
+        return int(np.argmax(self.logits(observation)))
+

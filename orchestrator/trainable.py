@@ -1,0 +1,174 @@
+"""The Tune trainable: one function runs any trial (see :mod:`orchestrator.experiments`).
+
+Its ``config`` is plain data (Tune stores it in ``params.json``): the trial name, the resolved run
+config, the run directory, the segmentation workers' names and the ids that tie a reward-net
+checkpoint to this run. Environments reach the models only through a
+:class:`~orchestrator.segmentation_client.SegmentationClient` built from those names.
+
+PPO trials write TensorBoard events with the original tags (``rollout/ep_rew_mean``, ...) into
+the trial directory, report every iteration to Tune with a checkpoint (RLlib state for resuming
+plus ``policy.pt``, the exported policy evaluation uses), and resume from Tune's checkpoint after
+a failure or ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from tensorboardX import SummaryWriter
+
+from envs.reward_data import build_examples
+from envs.sources import load_samples
+from models import reward_net
+from models.errors import UserError
+from orchestrator import metric_keys as mk
+from orchestrator.config import RunConfig, parse_config
+from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
+from orchestrator.ppo import build_ppo_config, export_policy, flatten_result
+from orchestrator.segmentation_client import SegmentationClient
+
+POLICY_FILE = "policy.pt"
+ALGO_DIR = "algo"
+REWARD_NET_WAIT_S = 6 * 3600
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune entry point: dispatch on ``config["trial"]``."""
+    run = parse_config(config["run"], source="trial config")
+    paths = RunPaths(Path(config["root"]))
+    client = SegmentationClient(config["workers"])
+    if config["trial"] == "reward_net":
+        _reward_net_trial(run, paths, config, client)
+    else:
+        _ppo_trial(config["trial"], run, paths, config, client)
+
+
+def _ppo_trial(
+    trial: str, run: RunConfig, paths: RunPaths, config: dict[str, Any], client: Any
+) -> None:
+    if trial == "reward_guided":
+        _wait_for(paths.reward_net)
+    kwargs = env_kwargs(
+        trial,
+        run,
+        data_dir=config["data_dir"],
+        manifest=str(paths.manifest),
+        split="train",
+        reward_net=str(paths.reward_net),
+        backend_id=config["backend_id"],
+        manifest_hash=config["manifest_hash"],
+        max_images=run.data.max_train_images,
+    )
+    tune.register_env(ENV_NAME, make_env)
+    env_config = {"trial": trial, "kwargs": kwargs, "segmenter": client}
+    algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            algo.restore_from_path(Path(directory) / ALGO_DIR)
+    writer = SummaryWriter(tune.get_context().get_trial_dir())
+    steps = 0.0
+    try:
+        while steps < run.ppo.total_env_steps:
+            metrics = flatten_result(algo.train())
+            metrics.update(_inference_metrics(client))
+            steps = metrics.get(mk.ENV_STEPS, steps)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step=int(steps))
+            writer.flush()
+            _report_with_checkpoint(algo, trial, metrics, config)
+    finally:
+        writer.close()
+        algo.stop()
+
+
+def _report_with_checkpoint(
+    algo: Any, trial: str, metrics: dict[str, float], config: dict[str, Any]
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        algo.save_to_path(Path(directory) / ALGO_DIR)
+        export_policy(
+            algo.get_module(),
+            Path(directory) / POLICY_FILE,
+            {
+                "trial": trial,
+                "backend_id": config["backend_id"],
+                "manifest_hash": config["manifest_hash"],
+                "env_steps": metrics.get(mk.ENV_STEPS, 0.0),
+            },
+        )
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _inference_metrics(client: Any) -> dict[str, float]:
+    stats = client.stats()
+    return {
+        mk.INFERENCE_FORWARD_PASSES: float(stats.get("forward_passes", 0)),
+        mk.INFERENCE_CACHE_HITS: float(stats.get("cache_hits", 0)),
+    }
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + REWARD_NET_WAIT_S
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise UserError(f"the reward network {path} never appeared; did its trial fail?")
+        time.sleep(2.0)
+
+
+def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], client: Any) -> None:
+    cfg = run.reward_net
+    writer = SummaryWriter(tune.get_context().get_trial_dir())
+    examples = {}
+    for split in ("train", "val"):
+        samples = load_samples(
+            config["data_dir"], split=split, manifest=paths.manifest, require_masks=True
+        )
+        examples[split] = build_examples(
+            samples,
+            client,
+            run.env.prompts,
+            per_image=cfg.samples_per_image,
+            input_size=cfg.input_size,
+            seed=cfg.seed,
+        )
+
+    def on_epoch(epoch: int, val_mae: float) -> None:
+        writer.add_scalar(mk.REWARD_NET_VAL_MAE, val_mae, global_step=epoch)
+        tune.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
+
+    model, report = reward_net.train_reward_net(
+        examples["train"],
+        examples["val"],
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        on_epoch=on_epoch,
+    )
+    writer.close()
+    reward_net.save_checkpoint(
+        paths.reward_net,
+        model,
+        {
+            "input_size": cfg.input_size,
+            "backend_id": config["backend_id"],
+            "manifest_hash": config["manifest_hash"],
+            "report": json.dumps(report.to_dict()),
+        },
+    )
+    paths.reward_net_report.write_text(json.dumps(report.to_dict(), indent=2))
+    dice = report.targets["dice"]
+    tune.report(
+        {
+            mk.REWARD_NET_EPOCH: float(cfg.epochs),
+            mk.REWARD_NET_VAL_MAE: dice.mae,
+            mk.REWARD_NET_VAL_SPEARMAN: dice.spearman,
+            mk.REWARD_NET_MEAN_PREDICTOR_MAE: dice.mean_predictor_mae,
+        }
+    )
