@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from models.errors import UserError
 
 COMMAND_MODULES = (
+    "orchestrator.commands.run",
     "orchestrator.commands.demo_data",
     "orchestrator.commands.check_data",
     "orchestrator.commands.plan",

@@ -152,6 +152,9 @@ class RewardNetConfig(_Section):
     lr: float = Field(1e-3, gt=0, le=1)
     samples_per_image: int = Field(8, ge=1)
     """Masks per training image: every prompt and random op sequences, subsampled."""
+    max_images: int | None = Field(None, ge=2)
+    """Train on at most this many train-split images and validate on at most this many val
+    images (None: the whole splits)."""
     seed: int = Field(0, ge=0)
 
 

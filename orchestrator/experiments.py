@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
-
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
+from envs.segmentation_env import SegmentationEnv
 from orchestrator.config import RunConfig
 
-PPO_TRIALS = {
+PPO_TRIALS: dict[str, type[SegmentationEnv]] = {
     "prompt": PromptSelectionEnv,
     "postprocess": PostProcessEnv,
     "reward_guided": RewardGuidedPromptEnv,
@@ -38,6 +37,8 @@ TRIALS_OF_EXPERIMENT = {
     "postprocess": ("postprocess",),
     "reward": ("reward_net", "reward_guided"),
 }
+TUNE_EXPERIMENT = "tune"
+"""Name of the Tune experiment; its directory is ``<run dir>/tune``."""
 ENV_NAME = "sa2va_rl_experiment"
 """The one name registered with Tune; ``env_config["trial"]`` picks the class."""
 
@@ -62,7 +63,7 @@ class RunPaths:
 
     @property
     def tune_dir(self) -> Path:
-        return self.root / "tune"
+        return self.root / TUNE_EXPERIMENT
 
     @property
     def reward_net(self) -> Path:
@@ -101,22 +102,20 @@ def trials_for(config: RunConfig) -> list[str]:
 def env_kwargs(
     trial: str,
     config: RunConfig,
+    data: dict[str, Any],
     *,
-    data_dir: str,
-    manifest: str,
-    split: str,
     reward_net: str | None = None,
     backend_id: str | None = None,
     manifest_hash: str | None = None,
-    max_images: int | None = None,
 ) -> dict[str, Any]:
-    """Keywords of the trial's environment class (without the segmenter, added in-process)."""
+    """Keywords of the trial's environment class, without the segmenter (added in-process).
+
+    ``data`` holds the data keywords: ``{"data", "manifest", "split", "max_images"}`` in a
+    trial, or ``{"samples": [...]}`` in evaluation.
+    """
     env = config.env
     common: dict[str, Any] = {
-        "data": data_dir,
-        "manifest": manifest,
-        "split": split,
-        "max_images": max_images,
+        **data,
         "max_steps": env.max_steps,
         "recall_weight": env.recall_weight,
     }
@@ -136,7 +135,8 @@ def env_kwargs(
     raise ValueError(f"trial {trial!r} has no environment")
 
 
-def make_env(env_config: dict[str, Any]) -> gym.Env:
+def make_env(env_config: dict[str, Any]) -> SegmentationEnv:
     """Env creator registered with Tune: ``{"trial", "kwargs", "segmenter"}`` -> env."""
     cls = PPO_TRIALS[env_config["trial"]]
-    return cls(segmenter=env_config["segmenter"], **env_config["kwargs"])
+    env: SegmentationEnv = cls(segmenter=env_config["segmenter"], **env_config["kwargs"])
+    return env

@@ -7,13 +7,16 @@ checkpoint to this run. Environments reach the models only through a
 
 PPO trials write TensorBoard events with the original tags (``rollout/ep_rew_mean``, ...) into
 the trial directory, report every iteration to Tune with a checkpoint (RLlib state for resuming
-plus ``policy.pt``, the exported policy evaluation uses), and resume from Tune's checkpoint after
+plus ``best_policy.pt``, the exported policy evaluation uses), evaluate that policy on the test
+split at the end (``eval/dice``, ... in the last result), and resume from Tune's checkpoint after
 a failure or ``--resume``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +32,11 @@ from models.errors import UserError
 from orchestrator import metric_keys as mk
 from orchestrator.config import RunConfig, parse_config
 from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
-from orchestrator.ppo import build_ppo_config, export_policy, flatten_result
+from orchestrator.evaluation import METHOD_OF_TRIAL, make_evaluator, summarise
+from orchestrator.ppo import ExportedPolicy, build_ppo_config, export_policy, flatten_result
 from orchestrator.segmentation_client import SegmentationClient
 
-POLICY_FILE = "policy.pt"
+BEST_POLICY_FILE = "best_policy.pt"
 ALGO_DIR = "algo"
 REWARD_NET_WAIT_S = 6 * 3600
 
@@ -53,24 +57,22 @@ def _ppo_trial(
 ) -> None:
     if trial == "reward_guided":
         _wait_for(paths.reward_net)
-    kwargs = env_kwargs(
-        trial,
-        run,
-        data_dir=config["data_dir"],
-        manifest=str(paths.manifest),
-        split="train",
-        reward_net=str(paths.reward_net),
-        backend_id=config["backend_id"],
-        manifest_hash=config["manifest_hash"],
-        max_images=run.data.max_train_images,
-    )
+    data = {
+        "data": config["data_dir"],
+        "manifest": str(paths.manifest),
+        "split": "train",
+        "max_images": run.data.max_train_images,
+    }
+    kwargs = env_kwargs(trial, run, data, **_reward_net_ids(paths, config))
     tune.register_env(ENV_NAME, make_env)
     env_config = {"trial": trial, "kwargs": kwargs, "segmenter": client}
     algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
+    best = BestPolicy()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             algo.restore_from_path(Path(directory) / ALGO_DIR)
+            best.restore(Path(directory))
     writer = SummaryWriter(tune.get_context().get_trial_dir())
     steps = 0.0
     try:
@@ -81,36 +83,93 @@ def _ppo_trial(
             for key, value in metrics.items():
                 writer.add_scalar(key, value, global_step=int(steps))
             writer.flush()
-            _report_with_checkpoint(algo, trial, metrics, config)
+            best.offer(algo.get_module(), metrics, trial, config)
+            _report_with_checkpoint(algo, best, metrics)
+        evaluation = _evaluate_best(trial, run, paths, config, client, best)
+        for key, value in evaluation.items():
+            writer.add_scalar(key, value, global_step=int(steps))
+        _report_with_checkpoint(algo, best, {**metrics, **evaluation})
     finally:
         writer.close()
         algo.stop()
 
 
-def _report_with_checkpoint(
-    algo: Any, trial: str, metrics: dict[str, float], config: dict[str, Any]
-) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        algo.save_to_path(Path(directory) / ALGO_DIR)
-        export_policy(
-            algo.get_module(),
-            Path(directory) / POLICY_FILE,
-            {
+def _reward_net_ids(paths: RunPaths, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "reward_net": str(paths.reward_net),
+        "backend_id": config["backend_id"],
+        "manifest_hash": config["manifest_hash"],
+    }
+
+
+class BestPolicy:
+    """The exported policy of the iteration with the highest ``rollout/ep_rew_mean`` so far
+    (RLlib's 100-episode mean): what evaluation uses. Kept in every checkpoint."""
+
+    def __init__(self) -> None:
+        self.score = -math.inf
+        self.path = Path(tempfile.mkdtemp(prefix="sa2va-rl-best-")) / BEST_POLICY_FILE
+
+    def offer(self, module: Any, metrics: dict[str, float], trial: str, config: dict[str, Any]):
+        score = metrics.get(mk.EP_REW_MEAN, -math.inf)
+        if score > self.score or not self.path.is_file():
+            self.score = score
+            metadata = {
                 "trial": trial,
                 "backend_id": config["backend_id"],
                 "manifest_hash": config["manifest_hash"],
                 "env_steps": metrics.get(mk.ENV_STEPS, 0.0),
-            },
-        )
+                "ep_rew_mean": score,
+            }
+            export_policy(module, self.path, metadata)
+
+    def restore(self, directory: Path) -> None:
+        saved = directory / BEST_POLICY_FILE
+        if saved.is_file():
+            shutil.copyfile(saved, self.path)
+            self.score = float(ExportedPolicy.load(self.path).metadata.get("ep_rew_mean", -math.inf))
+
+
+def _report_with_checkpoint(algo: Any, best: BestPolicy, metrics: dict[str, float]) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        algo.save_to_path(Path(directory) / ALGO_DIR)
+        shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
+def _evaluate_best(
+    trial: str,
+    run: RunConfig,
+    paths: RunPaths,
+    config: dict[str, Any],
+    client: Any,
+    best: BestPolicy,
+) -> dict[str, float]:
+    """``eval/<metric>`` of the best policy on the test split, so Tune's ResultGrid can compare
+    experiments; the run's report evaluates every method on the same images again."""
+    test = load_samples(
+        config["data_dir"],
+        split="test",
+        manifest=paths.manifest,
+        max_images=run.data.max_eval_images,
+    )
+    evaluator = make_evaluator(run, test, client)
+    kwargs = env_kwargs(trial, run, {"samples": test}, **_reward_net_ids(paths, config))
+    env = make_env({"trial": trial, "kwargs": kwargs, "segmenter": client})
+    rows = evaluator.policy(METHOD_OF_TRIAL[trial], env, ExportedPolicy.load(best.path).act)
+    summary = summarise(rows)[METHOD_OF_TRIAL[trial]]
+    return {mk.EVAL_METRICS[name]: est.mean for name, est in summary.metrics.items()}
+
+
 def _inference_metrics(client: Any) -> dict[str, float]:
-    stats = client.stats()
-    return {
-        mk.INFERENCE_FORWARD_PASSES: float(stats.get("forward_passes", 0)),
-        mk.INFERENCE_CACHE_HITS: float(stats.get("cache_hits", 0)),
+    total = client.stats()["total"]
+    metrics = {
+        mk.INFERENCE_FORWARD_PASSES: float(total["forward_passes"]),
+        mk.INFERENCE_CACHE_HITS: float(total["memory_hits"] + total["disk_hits"]),
     }
+    if total.get("latency_ms_p95_worst") is not None:
+        metrics[mk.INFERENCE_P95_MS] = float(total["latency_ms_p95_worst"])
+    return metrics
 
 
 def _wait_for(path: Path) -> None:
@@ -127,7 +186,7 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
     examples = {}
     for split in ("train", "val"):
         samples = load_samples(
-            config["data_dir"], split=split, manifest=paths.manifest, require_masks=True
+            config["data_dir"], split=split, manifest=paths.manifest, max_images=cfg.max_images
         )
         examples[split] = build_examples(
             samples,

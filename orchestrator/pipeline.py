@@ -1,0 +1,326 @@
+"""``sa2va-rl run``: data -> split -> GPU plan -> shared workers -> Tune trials -> evaluation ->
+report, in one process that is also the ``ray job submit`` entrypoint.
+
+Every stage prints a numbered line with its wall time, so a user sees where a long run is. All
+outputs live in the run directory (see :class:`~orchestrator.experiments.RunPaths`); a run
+interrupted at any point continues with ``--resume``: the data, split and config are reused,
+finished trials are not redone (Tune restores the experiment), and inference comes from the
+disk cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
+from envs.split import check_manifest_matches, read_manifest, split_dataset, write_manifest
+from models.errors import UserError
+from orchestrator.config import RunConfig, config_to_dict, load_config, parse_config
+from orchestrator.experiments import RunPaths, trials_for
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_NAME = "experiments"
+DEFAULT_OUTPUT = "runs"
+
+
+@dataclass
+class RunOptions:
+    """What the command line says about a run (see ``sa2va-rl run --help``)."""
+
+    config: str | None = None
+    data: str | None = None
+    backend: str | None = None
+    model_path: str | None = None
+    output: str | None = None
+    address: str | None = None
+    resume: bool = False
+    dashboard: bool = True
+    num_cpus: int | None = None
+    cache_dir: str | None = None
+    inventory: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """Config keys the flags override (nested, like the YAML)."""
+        out: dict[str, Any] = {}
+        if self.data is not None:
+            out.setdefault("data", {})["path"] = self.data
+        if self.backend is not None:
+            out.setdefault("backend", {})["name"] = self.backend
+        if self.model_path is not None:
+            out.setdefault("backend", {})["model_path"] = self.model_path
+        if self.cache_dir is not None:
+            out.setdefault("workers", {})["cache_dir"] = self.cache_dir
+        if self.inventory is not None:
+            out.setdefault("gpu", {})["inventory"] = self.inventory
+        return out
+
+
+@dataclass
+class StageClock:
+    """Prints ``[i/n] stage ...`` lines and keeps each stage's wall time for the summary."""
+
+    total: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        index = len(self.seconds) + 1
+        print(f"[{index}/{self.total}] {what} ...", flush=True)
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - start, 2)
+        print(f"[{index}/{self.total}] {what}: done in {self.seconds[name]:.1f} s", flush=True)
+
+
+# --- the run directory ------------------------------------------------------------------------------
+def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
+    """The run's config: the saved one when resuming (flags must not contradict it)."""
+    if options.resume and paths.config.is_file():
+        saved = parse_config(yaml.safe_load(paths.config.read_text()), source=str(paths.config))
+        if options.config is not None:
+            asked = load_config(options.config, options.overrides())
+            if config_to_dict(asked) != config_to_dict(saved):
+                raise UserError(
+                    f"--resume: {options.config} (with the flags given) differs from the config "
+                    f"this run started with ({paths.config}); resume without --config, or start "
+                    "a new run with another --output"
+                )
+        return saved
+    if options.resume:
+        raise UserError(
+            f"--resume: {paths.root} holds no run to resume (no {paths.config.name}); "
+            "start it without --resume"
+        )
+    config_path = options.config or str(Path(__file__).parent.parent / "tune_configs/quick.yaml")
+    config = load_config(config_path, options.overrides())
+    if paths.root.exists() and any(paths.root.iterdir()):
+        raise UserError(
+            f"output directory {paths.root} already holds files; pass --resume to continue that "
+            "run, or choose another --output"
+        )
+    paths.root.mkdir(parents=True, exist_ok=True)
+    _write_text(paths.config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return config
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The dataset directory, its split manifest and how many images each split has."""
+
+    data_dir: str
+    manifest_hash: str
+    split_sizes: dict[str, int]
+
+
+def prepare_data(config: RunConfig, paths: RunPaths) -> PreparedData:
+    """Generate the built-in data if needed, validate the dataset, write or check the split."""
+    data = config.data
+    if data.path is None:
+        data_dir = paths.synthetic_data
+        if not (data_dir / "annotations.json").is_file():
+            from envs.synthetic import write_dataset
+
+            write_dataset(data_dir, n=data.synthetic_n, seed=data.synthetic_seed)
+    else:
+        data_dir = Path(data.path).expanduser().resolve()
+    pattern = DEFAULT_GROUP_PATTERN if data.group_pattern == "default" else data.group_pattern
+    dataset = load_dataset(data_dir, fmt=data.format, group_pattern=pattern, skip_bad=data.skip_bad)
+    for entry, reason in dataset.skipped:
+        print(f"  skipped {entry}: {reason}")
+    if paths.manifest.is_file():
+        manifest = read_manifest(paths.manifest)
+        check_manifest_matches(manifest, dataset)
+    else:
+        split = split_dataset(dataset, data.split_fractions, data.split_seed)
+        manifest = write_manifest(
+            paths.manifest, dataset, split, data.split_seed, data.split_fractions, pattern
+        )
+    sizes = {name: len(getattr(manifest.split, name)) for name in ("train", "val", "test")}
+    print(f"  {len(dataset)} images from {data_dir} ({dataset.format}); split {sizes}")
+    return PreparedData(str(data_dir), manifest.manifest_hash, sizes)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+# --- Ray: GPU plan, cluster, workers ------------------------------------------------------------
+def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
+    """The backend name and constructor options the workers build."""
+    backend = config.backend
+    if backend.name == "frangi":
+        return "frangi", {}
+    if backend.model_path is None:
+        raise UserError(
+            "backend sa2va needs a model: pass --model-path (a local folder, e.g. from "
+            "`huggingface-cli download ByteDance/Sa2VA-4B --local-dir ./Sa2VA-4B`, or a hub id "
+            "with backend.revision pinned in the config)"
+        )
+    return "sa2va", {
+        "model_path": backend.model_path,
+        "revision": backend.revision,
+        "device": backend.device,
+        "allow_unpinned_remote_code": backend.allow_unpinned_remote_code,
+    }
+
+
+def gpu_plan(config: RunConfig, address: str | None) -> Any:
+    """The GPU memory plan (None for the CPU backend); raises before anything loads when no
+    worker fits. Call after ``ray.init`` when joining a cluster (its GPUs are read there)."""
+    from orchestrator import gpu_budget as gb
+    from orchestrator import gpu_inventory
+
+    if config.backend.name == "frangi":
+        return None
+    if config.gpu.inventory:
+        inventory = gb.parse_inventory(config.gpu.inventory)
+    elif address:
+        inventory = gpu_inventory.read_cluster_inventory()
+    else:
+        inventory = (gpu_inventory.read_local_node(),)
+    footprint = gb.footprint_for("sa2va", config.backend.model_size, config.gpu.model_gb)
+    plan = gb.build_plan(inventory, footprint, gb.gb_to_mb(config.gpu.margin_gb))
+    plan.require_workers()
+    return plan
+
+
+def start_ray(options: RunOptions, plan: Any) -> None:
+    """Join ``--address`` or start a local Ray bound to 127.0.0.1 (with the plan's resources)."""
+    import ray
+
+    common: dict[str, Any] = {"namespace": "sa2va_rl", "log_to_driver": True}
+    if options.address:
+        ray.init(address=options.address, **common)
+        return
+    kwargs: dict[str, Any] = {}
+    if plan is not None:
+        os.environ.update(plan.local_node.env())
+        kwargs = plan.ray_init_kwargs()
+    ray.init(
+        num_cpus=options.num_cpus,
+        include_dashboard=options.dashboard,
+        dashboard_host="127.0.0.1",
+        **kwargs,
+        **common,
+    )
+
+
+def start_segmentation_workers(config: RunConfig, plan: Any) -> list[str]:
+    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers."""
+    from orchestrator import gpu_budget as gb
+    from orchestrator.segmentation_client import WorkerPlacement, start_workers
+    from orchestrator.segmentation_worker import BackendSpec
+
+    name, backend_options = backend_spec(config)
+    if plan is None:
+        placements = [WorkerPlacement() for _ in range(config.workers.cpu_workers)]
+    else:
+        placements = [
+            WorkerPlacement(
+                num_gpus=1,
+                input_cap=slot.input_cap,
+                resources={gb.WORKER_SLOT_RESOURCE: 1.0},
+            )
+            for slot in plan.workers
+        ]
+    return start_workers(
+        len(placements),
+        BackendSpec(name, backend_options),
+        config.workers.cache_dir,
+        placements=placements,
+        memory_cache_bytes=config.workers.memory_cache_mb * 2**20,
+    )
+
+
+def warm_up(client: Any, config: RunConfig, prepared: PreparedData, paths: RunPaths) -> int:
+    """Segment every (image, prompt) pair the run will need once, with a progress bar, so the
+    trials start on a warm cache. Returns the number of images."""
+    from tqdm import tqdm
+
+    from envs.sources import load_samples
+
+    rl_cap, net_cap = config.data.max_train_images, config.reward_net.max_images
+    splits = {
+        "train": None if rl_cap is None or net_cap is None else max(rl_cap, net_cap),
+        "val": net_cap,
+        "test": config.data.max_eval_images,
+    }
+    ids: dict[str, Any] = {}
+    for split, cap in splits.items():
+        for sample in load_samples(
+            prepared.data_dir, split=split, manifest=paths.manifest, max_images=cap
+        ):
+            ids[sample.id] = sample
+    prompts = list(config.env.prompts)
+    for sample in tqdm(list(ids.values()), desc="  segmenting (cache warm-up)", unit="image"):
+        client.segment_prompts(sample.image, prompts)
+    return len(ids)
+
+
+def run(options: RunOptions) -> int:
+    """The whole job; returns the exit code."""
+    import ray
+
+    from orchestrator import tuning
+    from orchestrator.segmentation_client import SegmentationClient
+
+    started = time.monotonic()
+    paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
+    clock = StageClock(total=7)
+    with clock.stage("config", f"config and run directory {paths.root}"):
+        config = resolve_config(options, paths)
+        print(f"  mode {config.mode}, backend {config.backend.name}, trials {trials_for(config)}")
+    with clock.stage("data", "data and split"):
+        prepared = prepare_data(config, paths)
+    try:
+        with clock.stage("ray", "GPU plan, Ray and segmentation workers"):
+            plan = None if options.address else gpu_plan(config, None)
+            start_ray(options, plan)
+            if options.address:
+                plan = gpu_plan(config, options.address)
+            if plan is not None:
+                write_json(paths.root / "gpu_plan.json", plan.to_json())
+            workers = start_segmentation_workers(config, plan)
+            client = SegmentationClient(workers)
+            print(f"  workers {workers}, backend {client.backend_id}")
+        with clock.stage("warmup", "cache warm-up"):
+            warm_up(client, config, prepared, paths)
+        with clock.stage("tune", "Tune: experiments as concurrent trials"):
+            grid = tuning.fit(options, config, paths, prepared, workers, client.backend_id, plan)
+        with clock.stage("evaluate", "evaluation on the test split"):
+            from orchestrator import report
+
+            methods = report.evaluate_run(config, paths, prepared, client, grid)
+        with clock.stage("report", "summary and report"):
+            summary = report.build_summary(
+                config, prepared, grid, methods, client.stats(), clock.seconds, started
+            )
+            write_json(paths.summary, summary)
+            report.write_report(paths, summary)
+            print(report.comparison_table(summary))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"run directory: {paths.root} (summary.json, report.md, tune/)")
+    return 0 if all(s == "TERMINATED" for s in summary["trials"].values()) else 1
