@@ -180,7 +180,8 @@ def mask_features(mask: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
     area = int(np.count_nonzero(mask))
     n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     largest = int(stats[1:, cv2.CC_STAT_AREA].max()) if n > 1 else 0
-    skeleton_px = int(np.count_nonzero(skeletonize(mask))) if area else 0
+    # skimage's skeletonize needs a writable buffer; masks from Ray are read-only.
+    skeleton_px = int(np.count_nonzero(skeletonize(mask.copy()))) if area else 0
     inside = outside = 0.0
     if prob is not None:
         if area:

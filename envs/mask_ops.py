@@ -306,7 +306,8 @@ def bridge_gaps(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
     n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     if n <= 2:  # background plus at most one component: nothing to connect
         return mask.copy()
-    skeleton = skeletonize(mask)
+    # skimage's skeletonize needs a writable buffer; masks from Ray are read-only.
+    skeleton = skeletonize(mask.copy())
     # Distance to the background = half the local vessel width (1 on a 1 px line).
     radius_map = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     candidates = []

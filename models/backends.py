@@ -6,24 +6,12 @@ Backends are imported lazily so that choosing Frangi never imports transformers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from models.errors import UserError
 from models.segmentation import Segmenter
 
 BACKENDS = ("frangi", "sa2va")
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """A picklable recipe for a backend: Ray workers build their backend from it."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def build(self) -> Segmenter:
-        return make_segmenter(self.name, **self.options)
 
 
 def make_segmenter(name: str, **options: Any) -> Segmenter:

@@ -61,10 +61,11 @@ class Segmenter(Protocol):
 
 
 def image_digest(image: np.ndarray) -> str:
-    """sha256 of an image's bytes, shape and dtype: the image part of every cache key."""
-    digest = hashlib.sha256()
-    digest.update(f"{image.dtype.str}{image.shape}".encode())
-    digest.update(np.ascontiguousarray(image).data)
+    """sha256 (hex) of the image's shape, dtype and bytes: two arrays share it iff they are equal
+    element for element with the same shape and dtype. The image part of every cache key."""
+    arr = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
+    digest.update(arr.reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 

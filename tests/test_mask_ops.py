@@ -369,3 +369,22 @@ def test_empty_and_full_masks() -> None:
         for name in OPS:
             out = apply_op(name, MaskState(mask, None), CFG).mask
             np.testing.assert_array_equal(out, mask, err_msg=name)
+
+
+def test_every_op_accepts_read_only_arrays() -> None:
+    """Masks and soft masks arriving from Ray workers are read-only views."""
+    from envs.features import observation
+
+    mask = np.zeros((32, 32), bool)
+    mask[10, 2:12] = True
+    mask[10, 15:30] = True
+    mask[20:23, 5:9] = True
+    prob = mask.astype(np.float32) * 0.8
+    mask.flags.writeable = False
+    prob.flags.writeable = False
+    state = MaskState(mask=mask, prob=prob)
+    config = MaskOpsConfig()
+    for name in OPS:
+        assert apply_op(name, state, config).mask.shape == (32, 32)
+    image = np.zeros((32, 32, 3), np.uint8)
+    assert observation(image, mask, prob, 0, 3).dtype == np.float32

@@ -1,0 +1,338 @@
+"""SegmentationWorker: the Ray actor that owns one segmentation backend and its result cache.
+
+One worker per planned GPU (``num_gpus=1``, so Ray pins the device) or a configured number on a
+CPU machine; every trial, experiment and the evaluation share them through
+:class:`orchestrator.segmentation_client.SegmentationClient`, which also starts them
+(``start_workers``). This module holds the actor body; it runs without Ray too (the stats are
+then not exported), which keeps it testable in-process.
+
+Per request: look the (backend id, image, prompt) key up in the memory LRU, then on disk
+(:mod:`orchestrator.inference_cache`); only on a miss take the model lock and run the backend.
+The actor is threaded (``max_concurrency`` > 1) so cache hits never wait behind another trial's
+forward pass, but the lock lets exactly one model call run at a time (Sa2VA's
+``predict_forward`` mutates model state and cannot batch images). A request that waited for the
+lock looks again first: when two trials ask the same pair at once, the model runs once.
+
+CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend's input cap
+(backends expose ``set_input_cap(int)`` or an ``input_cap`` attribute; the longest image side
+in pixels) down to ``min_input_cap`` and retries the same request; below the floor the request
+fails with :class:`SegmentationOutOfMemoryError`. Both are counted (``oom_retries``,
+``oom_failures``). Results computed under an OOM-lowered cap carry the flag
+``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import UserError
+from models.segmentation import Segmentation, Segmenter
+from orchestrator.inference_cache import (
+    DEFAULT_MEMORY_BYTES,
+    CacheHit,
+    CacheKey,
+    InferenceCache,
+    image_digest,
+)
+from orchestrator.inference_stats import WorkerStats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_INPUT_CAP = 256
+"""Floor of the OOM back-off, in pixels of the longest side."""
+
+BackendFactory = Callable[[], Segmenter]
+"""A picklable zero-argument callable that builds the backend inside the worker."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend by name and options: ``models.backends.make_segmenter(name, **options)``.
+
+    Picklable and cheap to send; the worker calls it once per incarnation to load the model.
+    """
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> Segmenter:
+        from models.backends import make_segmenter  # the backend registry of the foundation issue
+
+        segmenter: Segmenter = make_segmenter(self.name, **dict(self.options))
+        return segmenter
+
+
+class SegmentationOutOfMemoryError(UserError):
+    """A request that ran out of GPU memory even at the smallest input cap."""
+
+
+def describe_factory(factory: BackendFactory) -> str:
+    """A stable description of a backend factory (equal for equal specs across processes)."""
+    if dataclasses.is_dataclass(factory):
+        return repr(factory)  # field by field, e.g. BackendSpec(name='sa2va', options={...})
+    named = factory if hasattr(factory, "__qualname__") else type(factory)  # function or class
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+def check_image(image: Any) -> None:
+    """Raise ``ValueError`` unless ``image`` is a uint8 HxWx3 array (the Segmenter contract)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"image must be a uint8 HxWx3 numpy array, got {_describe(image)}")
+    if image.shape[2] != 3 or 0 in image.shape:
+        raise ValueError(f"image must be a uint8 HxWx3 numpy array, got shape {image.shape}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} array of shape {value.shape}"
+    return type(value).__name__
+
+
+class SegmentationWorker:
+    """One backend, its cache and its statistics (the body of the Ray actor).
+
+    Args:
+        name: the worker's name (``segmentation-worker-<i>``); tags its metrics.
+        backend_factory: builds the backend, called once here (once per incarnation).
+        cache_dir: the disk cache shared by all workers and runs, or ``None`` for memory only.
+        memory_cache_bytes: bound of the memory LRU.
+        input_cap: initial longest-side cap for the backend (from the GPU plan), or ``None``.
+        min_input_cap: floor of the OOM back-off.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        backend_factory: BackendFactory,
+        cache_dir: str | None = None,
+        *,
+        memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
+        input_cap: int | None = None,
+        min_input_cap: int = DEFAULT_MIN_INPUT_CAP,
+    ) -> None:
+        self.name = name
+        self._factory_description = describe_factory(backend_factory)
+        restarts, in_ray = _record_incarnation(name, cache_dir)
+        self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
+        self._backend = backend_factory()
+        self._cache = InferenceCache(cache_dir, memory_cache_bytes)
+        self._model_lock = threading.Lock()
+        self._min_input_cap = min_input_cap
+        if input_cap is not None:
+            self._set_cap(input_cap)
+        self._initial_cap = self._current_cap()
+        # The pool's backend id; a backend whose id includes its cap (Sa2VA) gets another id
+        # after an OOM lowered the cap, and its results are stored under that one.
+        self._configured_id = self._backend.backend_id
+        self._stats.set_input_cap(self._initial_cap)
+        log.info("%s: backend %s loaded (restarts: %d)", name, self.backend_id(), restarts)
+
+    def backend_id(self) -> str:
+        """The backend's id as configured (before any OOM lowered its input cap)."""
+        return self._configured_id
+
+    def factory_description(self) -> str:
+        """What built the backend (``start_workers`` compares it when it reuses a worker)."""
+        return self._factory_description
+
+    def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
+        """The segmentation of ``image`` (uint8 HxWx3) for ``prompt``, cached."""
+        return self.segment_prompts(image, [prompt])[0]
+
+    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        """The segmentations of one image for several prompts, in order (one transfer)."""
+        check_image(image)
+        self._stats.request_started()
+        try:
+            digest = image_digest(image)
+            return [self._segment_one(image, digest, str(prompt)) for prompt in prompts]
+        finally:
+            self._stats.request_finished()
+            self._stats.sync_counts(self._cache.counters())
+
+    def lookup(
+        self, digest: str, hw: tuple[int, int], prompts: Sequence[str]
+    ) -> list[Segmentation | None]:
+        """Cached results only, by image digest (``image_digest``) and height/width: ``None``
+        where nothing is cached. Lets a client skip sending the image when every answer is
+        cached; a wrong digest can only miss or return another image's answer to that client,
+        never change what is stored."""
+        self._stats.request_started()
+        try:
+            hits = [self._lookup(digest, str(prompt), hw) for prompt in prompts]
+            self._stats.count("requests", sum(hit is not None for hit in hits))
+            return [None if hit is None else hit.segmentation for hit in hits]
+        finally:
+            self._stats.request_finished()
+            self._stats.sync_counts(self._cache.counters())
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, queue length, latency percentiles, restarts, cap and cache size."""
+        self._stats.sync_counts(self._cache.counters())
+        snap = self._stats.snapshot()
+        cache = self._cache.counters()
+        snap.update(
+            backend_id=self.backend_id(),
+            memory_cache_entries=cache["memory_cache_entries"],
+            memory_cache_bytes=cache["memory_cache_bytes"],
+            pid=os.getpid(),
+        )
+        return snap
+
+    def _segment_one(self, image: np.ndarray, digest: str, prompt: str) -> Segmentation:
+        self._stats.count("requests")
+        hw = (int(image.shape[0]), int(image.shape[1]))
+        hit = self._lookup(digest, prompt, hw)
+        if hit is not None:
+            return hit.segmentation
+        with self._model_lock:
+            # Another request may have computed this pair while we waited for the lock.
+            hit = self._lookup(digest, prompt, hw)
+            if hit is not None:
+                return hit.segmentation
+            try:
+                seg = self._run_model(image, prompt)
+            except Exception:
+                # Raised to this request's caller (the worker keeps serving); counted here.
+                self._stats.count("model_errors")
+                raise
+            # Stored under the id of the backend that produced it (its cap may have changed).
+            return self._cache.put(CacheKey(self._backend.backend_id, digest, prompt), seg)
+
+    def _lookup(self, digest: str, prompt: str, hw: tuple[int, int]) -> CacheHit | None:
+        """The configured backend's result first, else one computed after an OOM lowered it."""
+        for backend_id in dict.fromkeys((self._configured_id, self._backend.backend_id)):
+            hit = self._cache.get(CacheKey(backend_id, digest, prompt), hw)
+            if hit is not None:
+                return hit
+        return None
+
+    def _run_model(self, image: np.ndarray, prompt: str) -> Segmentation:
+        attempt = 0
+        while True:
+            start = time.perf_counter()
+            try:
+                seg = self._backend.segment(image, prompt)
+            except Exception as err:
+                if not _is_cuda_oom(err):
+                    raise
+                message = str(err)
+            else:
+                self._stats.forward_pass(time.perf_counter() - start)
+                return self._flag_lowered_cap(seg, image)
+            # Outside the except block the traceback, and the tensors its frames hold, are gone,
+            # so emptying the CUDA cache can actually return their memory.
+            self._recover_from_oom(image, prompt, message, attempt)
+            attempt += 1
+
+    def _recover_from_oom(self, image: np.ndarray, prompt: str, message: str, attempt: int) -> None:
+        """Free memory and lower the cap for a retry, or raise when nothing is left to lower."""
+        _free_cuda_cache()
+        side = max(image.shape[:2])
+        effective = min(self._current_cap() or side, side)
+        lowered = effective // 2
+        if self._can_set_cap() and lowered >= self._min_input_cap:
+            self._stats.count("oom_retries")
+            log.warning(
+                "%s: CUDA OOM at input cap %d px; retrying at %d px", self.name, effective, lowered
+            )
+            self._set_cap(lowered)
+            return
+        if not self._can_set_cap() and attempt == 0:
+            self._stats.count("oom_retries")  # no cap to lower: one retry on a freed cache
+            log.warning("%s: CUDA OOM; retrying once after freeing the CUDA cache", self.name)
+            return
+        self._stats.count("oom_failures")
+        raise SegmentationOutOfMemoryError(
+            f"{self.name}: out of GPU memory on a {image.shape[1]}x{image.shape[0]} image for "
+            f"prompt {prompt!r} at input cap {effective} px, and the cap cannot go lower (floor "
+            f"{self._min_input_cap} px). Free the GPU (other processes, other workers on it), "
+            f"plan fewer users of this GPU, or lower min_input_cap. Last error: {message}"
+        )
+
+    def _flag_lowered_cap(self, seg: Segmentation, image: np.ndarray) -> Segmentation:
+        cap = self._current_cap()
+        lowered = cap is not None and (self._initial_cap is None or cap < self._initial_cap)
+        if not lowered or cap is None or max(image.shape[:2]) <= cap:
+            return seg
+        return dataclasses.replace(seg, flags=(*seg.flags, f"oom_input_cap={cap}"))
+
+    def _current_cap(self) -> int | None:
+        cap = getattr(self._backend, "input_cap", None)
+        return None if cap is None else int(cap)
+
+    def _can_set_cap(self) -> bool:
+        return hasattr(self._backend, "set_input_cap") or hasattr(self._backend, "input_cap")
+
+    def _set_cap(self, cap: int) -> None:
+        setter = getattr(self._backend, "set_input_cap", None)
+        if setter is not None:
+            setter(int(cap))
+        elif hasattr(self._backend, "input_cap"):
+            self._backend.input_cap = int(cap)
+        else:
+            log.warning("%s: backend has no input cap; ignoring cap %d", self.name, cap)
+        self._stats.set_input_cap(self._current_cap())
+
+
+def _is_cuda_oom(err: BaseException) -> bool:
+    # torch is only in sys.modules if the backend imported it; a backend that never imported
+    # torch cannot raise its OOM, and the worker need not pay torch's import time.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, oom_type)
+
+
+def _free_cuda_cache() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _record_incarnation(name: str, cache_dir: str | None) -> tuple[int, bool]:
+    """Count this start of the actor; returns (restarts before this one, running inside Ray).
+
+    The count lives in a file keyed by the actor id, which stays the same across restarts: under
+    ``<cache_dir>/.workers/`` (shared storage also covers a restart on another node), else in the
+    temp dir. Ray's ``was_current_actor_reconstructed`` guarantees at least 1 after a restart.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return 0, False
+    context = ray.get_runtime_context()
+    actor_id = context.get_actor_id()
+    if actor_id is None:
+        return 0, False
+    state_dir = Path(cache_dir) / ".workers" if cache_dir else Path(tempfile.gettempdir())
+    path = state_dir / f"sa2va_rl-{name}-{actor_id}.incarnations"
+    try:
+        previous = int(path.read_text()) if path.exists() else 0
+    except (OSError, ValueError):
+        previous = 0
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(str(previous + 1))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("%s: cannot record the restart count in %s: %s", name, path, err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Ray 2.60 warns from inside
+        reconstructed = bool(context.was_current_actor_reconstructed)
+    return (max(previous, 1) if reconstructed else previous), True
