@@ -39,13 +39,12 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
-from models.segmentation import Segmentation, Segmenter
+from models.segmentation import Segmentation, Segmenter, image_digest
 from orchestrator.inference_cache import (
     DEFAULT_MEMORY_BYTES,
     CacheHit,
     CacheKey,
     InferenceCache,
-    image_digest,
 )
 from orchestrator.inference_stats import WorkerStats
 
