@@ -79,7 +79,9 @@ class PromptSelectionEnv(SegmentationEnv):
         )
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
-        return MaskState.from_segmentation(self.segmenter.segment(sample.image, self.default_prompt))
+        return MaskState.from_segmentation(
+            self.segmenter.segment(sample.image, self.default_prompt)
+        )
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         prompt = self.prompts[action]

@@ -66,7 +66,9 @@ def build_examples(
             )
         masks = candidate_masks(sample, segmenter, prompts, rng, ops, n_op_sequences=per_image)
         for j in rng.choice(len(masks), size=min(per_image, len(masks)), replace=False):
-            examples.append(make_example(sample.id, sample.image, masks[j], sample.mask, input_size))
+            examples.append(
+                make_example(sample.id, sample.image, masks[j], sample.mask, input_size)
+            )
         if on_image:
             on_image(i)
     return examples

@@ -6,8 +6,8 @@ objective's change, observations, ``info``. A subclass says only where an episod
 (``_initial_state``) and what an action does (``_transition``).
 
 Observations are computed from the image and the current mask only (see :mod:`envs.features`),
-plus the current soft-mask threshold and a one-hot of the previous action (none at reset). Ground truth reaches the reward and
-``info``, never the observation.
+plus the current soft-mask threshold and a one-hot of the previous action (none at reset).
+Ground truth reaches the reward and ``info``, never the observation.
 
 ``info`` after every ``reset``/``step``: ``image_id``, ``objective``, ``best_reward`` (best
 objective so far in the episode), ``action`` (name of the action taken, ``"reset"`` at reset),
@@ -54,7 +54,7 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
     (evaluation walks the test split this way).
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium's own declaration)
 
     def __init__(
         self,

@@ -22,7 +22,13 @@ import numpy as np
 
 from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
 from envs.sample import Sample
-from envs.split import SPLIT_NAMES, check_manifest_matches, read_manifest, split_dataset, split_groups
+from envs.split import (
+    SPLIT_NAMES,
+    check_manifest_matches,
+    read_manifest,
+    split_dataset,
+    split_groups,
+)
 from envs.synthetic import generate_samples
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS

@@ -172,7 +172,9 @@ def predict(model: RewardNet, x: torch.Tensor, batch_size: int = 64) -> np.ndarr
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        parts = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+        parts = [
+            model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(parts).numpy()
 
 

@@ -21,7 +21,8 @@ from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
-EXPERIMENTS = ("prompt", "postprocess", "reward")
+Experiment = Literal["prompt", "postprocess", "reward"]
+EXPERIMENTS: tuple[Experiment, ...] = ("prompt", "postprocess", "reward")
 
 
 class _Section(BaseModel):
@@ -161,7 +162,7 @@ class RewardNetConfig(_Section):
 class RunConfig(_Section):
     mode: str = "custom"
     """Name shown in reports (smoke, quick, full)."""
-    experiments: tuple[Literal["prompt", "postprocess", "reward"], ...] = EXPERIMENTS
+    experiments: tuple[Experiment, ...] = EXPERIMENTS
     """Which experiments to run."""
     data: DataConfig = DataConfig()
     backend: BackendConfig = BackendConfig()
@@ -208,7 +209,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise UserError(
+            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     parent = data.pop("extends", None)
     if parent is None:
         return data

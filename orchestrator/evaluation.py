@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from envs.environments import PostProcessEnv, PromptSelectionEnv
 from envs.mask_ops import MaskOpsConfig, MaskState, apply_op
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
@@ -42,7 +41,11 @@ METHODS = (
     "oracle_prompt",
     "oracle_postprocess",
 )
-METHOD_OF_TRIAL = {"prompt": "prompt_rl", "postprocess": "postprocess_rl", "reward_guided": "reward_rl"}
+METHOD_OF_TRIAL = {
+    "prompt": "prompt_rl",
+    "postprocess": "postprocess_rl",
+    "reward_guided": "reward_rl",
+}
 Policy = Callable[[np.ndarray], int]
 
 
@@ -92,7 +95,7 @@ def oracle_postprocess_mask(
 ) -> tuple[np.ndarray, list[str]]:
     """Best mask (by Dice) over every op sequence of length <= ``depth`` from ``start``."""
     usable = [op for op in ops.ops if op != "stop"]
-    best = (mask_metrics(start.mask, gt).dice, start.mask, [])
+    best: tuple[float, np.ndarray, list[str]] = (mask_metrics(start.mask, gt).dice, start.mask, [])
     frontier: list[tuple[MaskState, list[str]]] = [(start, [])]
     for _ in range(depth):
         nxt = []
@@ -147,7 +150,9 @@ class Evaluator:
         rows = []
         for s in self.test:
             assert s.mask is not None
-            start = MaskState.from_segmentation(self.segmenter.segment(s.image, self.default_prompt))
+            start = MaskState.from_segmentation(
+                self.segmenter.segment(s.image, self.default_prompt)
+            )
             mask, seq = oracle_postprocess_mask(start, s.mask, self.ops, self.max_steps)
             rows.append(_result("oracle_postprocess", s, mask, " > ".join(seq) or "(none)"))
         return rows
@@ -160,7 +165,10 @@ class Evaluator:
         return rows
 
     def combined(
-        self, prompt_env: PromptSelectionEnv, prompt_policy: Policy, post_env: PostProcessEnv,
+        self,
+        prompt_env: SegmentationEnv,
+        prompt_policy: Policy,
+        post_env: SegmentationEnv,
         post_policy: Policy,
     ) -> list[ImageResult]:
         rows = []
@@ -172,7 +180,7 @@ class Evaluator:
         return rows
 
 
-# --- statistics -------------------------------------------------------------------------------------
+# --- statistics ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Estimate:
     """A mean with its 95% bootstrap confidence interval."""
@@ -219,12 +227,16 @@ def summarise(rows: Iterable[ImageResult], *, seed: int = 0) -> dict[str, Method
             for name in METRIC_NAMES
         }
         paired = [i for i in ids if i in base]
-        diffs = {
-            name: bootstrap_mean(
-                [getattr(results[i], name) - getattr(base[i], name) for i in paired], seed=seed
-            )
-            for name in METRIC_NAMES
-        } if paired else {}
+        diffs = (
+            {
+                name: bootstrap_mean(
+                    [getattr(results[i], name) - getattr(base[i], name) for i in paired], seed=seed
+                )
+                for name in METRIC_NAMES
+            }
+            if paired
+            else {}
+        )
         out[method] = MethodSummary(method, len(ids), metrics, diffs)
     return out
 

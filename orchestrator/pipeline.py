@@ -85,7 +85,7 @@ class StageClock:
         print(f"[{index}/{self.total}] {what}: done in {self.seconds[name]:.1f} s", flush=True)
 
 
-# --- the run directory ------------------------------------------------------------------------------
+# --- the run directory ---------------------------------------------------------------------------
 def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
     """The run's config: the saved one when resuming (flags must not contradict it)."""
     if options.resume and paths.config.is_file():

@@ -12,6 +12,7 @@ RLlib: evaluation needs no pickled RLlib objects.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from orchestrator import metric_keys as mk
 from orchestrator.config import PpoConfig
 
 POLICY_FORMAT_VERSION = 1
+# Linear layers of RLlib's default actor MLP and logits head (not the critic, not constants).
+_POLICY_LAYER = re.compile(r"^(encoder\.actor_encoder|pi)\.net\.mlp\.(\d+)\.(weight|bias)$")
 
 
 class EpisodeMetrics(RLlibCallback):
@@ -93,14 +96,12 @@ def flatten_result(result: dict[str, Any]) -> dict[str, float]:
 
 def export_policy(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
     """Save the policy network (encoder + head) as a plain state dict with ``metadata``."""
-    state = {
-        k: v.detach().cpu()
-        for k, v in module.state_dict().items()
-        if k.startswith(("encoder.actor_encoder.", "pi."))
-    }
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items() if _POLICY_LAYER.match(k)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, tmp)
+    torch.save(
+        {"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, tmp
+    )
     tmp.replace(path)
     return path
 
@@ -126,18 +127,21 @@ class ExportedPolicy:
             raise UserError(f"policy file {path} not found; re-run the experiment") from None
         except Exception as err:
             raise UserError(f"policy file {path} is unreadable ({err}); re-run it") from None
-        hidden = sorted(
-            {int(k.split(".")[-2]) for k in state if k.startswith("encoder.actor_encoder.")}
-        )
-        layers = [
-            (
-                state[f"encoder.actor_encoder.net.mlp.{i}.weight"],
-                state[f"encoder.actor_encoder.net.mlp.{i}.bias"],
+        layers = []
+        for part in ("encoder.actor_encoder", "pi"):
+            indices = sorted(
+                {
+                    int(m.group(2))
+                    for k in state
+                    if (m := _POLICY_LAYER.match(k)) and m.group(1) == part
+                }
             )
-            for i in hidden
-        ]
-        heads = sorted({int(k.split(".")[-2]) for k in state if k.startswith("pi.")})
-        layers += [(state[f"pi.net.mlp.{i}.weight"], state[f"pi.net.mlp.{i}.bias"]) for i in heads]
+            layers += [
+                (state[f"{part}.net.mlp.{i}.weight"], state[f"{part}.net.mlp.{i}.bias"])
+                for i in indices
+            ]
+        if not layers:
+            raise UserError(f"policy file {path} holds no policy layers; re-run the experiment")
         return cls(layers, metadata)
 
     def logits(self, observation: np.ndarray) -> np.ndarray:
@@ -151,4 +155,3 @@ class ExportedPolicy:
 
     def act(self, observation: np.ndarray) -> int:
         return int(np.argmax(self.logits(observation)))
-

@@ -41,7 +41,7 @@ TARGET = {"dice": 0.85, "recall": 0.85}
 """The users' goal (SEEDS.md): Dice and Recall of at least 0.85."""
 
 
-# --- evaluation (needs the segmenter) ---------------------------------------------------------------
+# --- evaluation (needs the segmenter) ------------------------------------------------------------
 def best_policy_paths(grid: Any) -> dict[str, Path]:
     """Trial -> ``best_policy.pt`` of its latest checkpoint, for PPO trials that have one."""
     from orchestrator.trainable import BEST_POLICY_FILE
@@ -101,7 +101,10 @@ def evaluate_run(
                 ),
             )
         )
-    steps += [("oracle_prompt", evaluator.oracle_prompt), ("oracle_postprocess", evaluator.oracle_postprocess)]
+    steps += [
+        ("oracle_prompt", evaluator.oracle_prompt),
+        ("oracle_postprocess", evaluator.oracle_postprocess),
+    ]
     rows: list[ImageResult] = []
     for method, compute in steps:
         start = time.monotonic()
@@ -126,7 +129,9 @@ def write_rows(path: Path, rows: Sequence[ImageResult]) -> None:
 
 def read_rows(path: Path) -> list[ImageResult]:
     if not path.is_file():
-        raise UserError(f"{path} is missing: the run's evaluation did not finish; re-run it with --resume")
+        raise UserError(
+            f"{path} is missing: the run's evaluation did not finish; re-run it with --resume"
+        )
     with path.open() as handle:
         return [
             ImageResult(
@@ -143,7 +148,11 @@ def read_rows(path: Path) -> list[ImageResult]:
 
 
 def _save_examples(
-    paths: RunPaths, test: Sequence[Any], rows: Sequence[ImageResult], segmenter: Any, config: RunConfig
+    paths: RunPaths,
+    test: Sequence[Any],
+    rows: Sequence[ImageResult],
+    segmenter: Any,
+    config: RunConfig,
 ) -> None:
     """Masks of baseline and the best non-oracle method on three images (worst, median, best
     baseline Dice), as PNGs, so the report can draw overlays without a model."""
@@ -168,7 +177,15 @@ def _save_examples(
         cv2.imwrite(str(out / name), mask.astype(np.uint8) * 255)
 
 
-def _replay(row: ImageResult, sample: Any, segmenter: Any, config: RunConfig, ops: Any, state_cls: Any, apply_op: Any) -> np.ndarray:
+def _replay(
+    row: ImageResult,
+    sample: Any,
+    segmenter: Any,
+    config: RunConfig,
+    ops: Any,
+    state_cls: Any,
+    apply_op: Any,
+) -> np.ndarray:
     """Rebuild a method's final mask from its recorded actions (prompts and ops)."""
     steps = [s for s in row.detail.split(" > ") if s and s != "(none)"]
     prompts = set(config.env.prompts)
@@ -190,7 +207,7 @@ def _best_method(summaries: dict[str, MethodSummary]) -> str:
     return max(candidates, key=lambda m: (summaries[m].metrics["dice"].mean, m))
 
 
-# --- summary.json --------------------------------------------------------------------------------------
+# --- summary.json --------------------------------------------------------------------------------
 def build_summary(
     config: RunConfig,
     prepared: Any,
@@ -244,7 +261,7 @@ def methods_json(summaries: dict[str, MethodSummary]) -> dict[str, Any]:
     return out
 
 
-# --- report.md and plots --------------------------------------------------------------------------------
+# --- report.md and plots -------------------------------------------------------------------------
 def comparison_table(summary: dict[str, Any]) -> str:
     """The final table printed at the end of a run (and at the top of report.md)."""
     lines = [

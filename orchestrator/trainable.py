@@ -31,8 +31,8 @@ from models import reward_net
 from models.errors import UserError
 from orchestrator import metric_keys as mk
 from orchestrator.config import RunConfig, parse_config
-from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
 from orchestrator.evaluation import METHOD_OF_TRIAL, make_evaluator, summarise
+from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
 from orchestrator.ppo import ExportedPolicy, build_ppo_config, export_policy, flatten_result
 from orchestrator.segmentation_client import SegmentationClient
 
@@ -127,7 +127,9 @@ class BestPolicy:
         saved = directory / BEST_POLICY_FILE
         if saved.is_file():
             shutil.copyfile(saved, self.path)
-            self.score = float(ExportedPolicy.load(self.path).metadata.get("ep_rew_mean", -math.inf))
+            self.score = float(
+                ExportedPolicy.load(self.path).metadata.get("ep_rew_mean", -math.inf)
+            )
 
 
 def _report_with_checkpoint(algo: Any, best: BestPolicy, metrics: dict[str, float]) -> None:

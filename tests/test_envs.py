@@ -78,7 +78,9 @@ def _all_envs(samples: list[Sample] | None = None) -> list[gym.Env]:
     return [
         PromptSelectionEnv(samples=samples, segmenter=seg, prompts=PROMPTS),
         PostProcessEnv(samples=samples, segmenter=seg, base_prompt=PROMPTS[0]),
-        RewardGuidedPromptEnv(samples=samples, segmenter=seg, prompts=PROMPTS, reward_net=_scorer()),
+        RewardGuidedPromptEnv(
+            samples=samples, segmenter=seg, prompts=PROMPTS, reward_net=_scorer()
+        ),
     ]
 
 

@@ -106,7 +106,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.pipeline import RunOptions, run as run_pipeline
+    from orchestrator.pipeline import RunOptions
+    from orchestrator.pipeline import run as run_pipeline
 
     return run_pipeline(
         RunOptions(
