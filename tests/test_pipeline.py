@@ -1,0 +1,146 @@
+"""The main job end to end: a smoke run on 2 logical CPUs, its outputs, and resuming a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SmokeRun, smoke_args
+from ray import tune
+from tensorboardX.proto import event_pb2
+
+from orchestrator import metric_keys as mk
+from orchestrator.cli import main
+from orchestrator.experiments import RunPaths
+
+TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
+PPO_TRIALS = {"prompt", "postprocess", "reward_guided"}
+
+
+def read_scalar_tags(event_file: Path) -> set[str]:
+    """Scalar tags of a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    tags = set()
+    data = event_file.read_bytes()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        record = data[offset + 12 : offset + 12 + length]
+        offset += 12 + length + 4
+        event = event_pb2.Event.FromString(record)
+        tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def trial_dirs(root: Path) -> dict[str, Path]:
+    found = {}
+    for params in (root / "tune").glob("*/params.json"):
+        found[json.loads(params.read_text())["trial"]] = params.parent
+    return found
+
+
+def test_smoke_run_finishes_with_all_trials_terminated(smoke_run: SmokeRun) -> None:
+    assert smoke_run.exit_code == 0
+    summary = json.loads((smoke_run.root / "summary.json").read_text())
+    assert summary["mode"] == "smoke" and summary["backend"] == "frangi"
+    assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
+    assert summary["splits"] == {"train": 8, "val": 8, "test": 8}
+    assert set(summary["methods"]) >= {"baseline", "prompt_rl", "postprocess_rl", "reward_rl"}
+    for method in summary["methods"].values():
+        assert method["n"] == 6  # max_eval_images of smoke.yaml
+        assert {"dice", "recall", "precision", "iou"} <= set(method)
+    inference = summary["inference"]
+    assert inference["workers"] == 1
+    assert inference["forward_passes"] > 0
+    assert inference["oom_retries"] == 0
+    assert summary["wall_seconds"] > 0
+    for name in ("config.yaml", "split_manifest.json", "report.md"):
+        assert (smoke_run.root / name).is_file()
+
+
+def test_tensorboard_files_have_the_original_tags(smoke_run: SmokeRun) -> None:
+    dirs = trial_dirs(smoke_run.root)
+    assert set(dirs) == TRIALS
+    original = {mk.EP_REW_MEAN, mk.EP_LEN_MEAN, mk.GT_DICE, mk.BEST_REWARD}
+    for trial in PPO_TRIALS:
+        tags = set().union(*(read_scalar_tags(f) for f in dirs[trial].glob("events.out.tfevents.*")))
+        assert original <= tags, (trial, original - tags)
+        assert mk.EVAL_DICE in tags and mk.POLICY_LOSS in tags
+    guided = set().union(
+        *(read_scalar_tags(f) for f in dirs["reward_guided"].glob("events.out.tfevents.*"))
+    )
+    assert mk.REWARD_NET_SCORE in guided
+    net = set().union(*(read_scalar_tags(f) for f in dirs["reward_net"].glob("events.out.tfevents.*")))
+    assert mk.REWARD_NET_VAL_MAE in net
+
+
+def test_tune_can_restore_and_result_grid_loads(smoke_run: SmokeRun) -> None:
+    tune_dir = RunPaths(smoke_run.root).tune_dir
+    assert tune.Tuner.can_restore(str(tune_dir))
+    analysis = tune.ExperimentAnalysis(str(tune_dir))
+    frame = analysis.dataframe()
+    by_trial = {row["config/trial"]: row for _, row in frame.iterrows()}
+    assert set(by_trial) == TRIALS
+    for trial in PPO_TRIALS:
+        assert 0.0 <= by_trial[trial][mk.EVAL_DICE] <= 1.0
+        assert by_trial[trial][mk.ENV_STEPS] >= 64
+
+
+def test_existing_output_is_refused_without_resume(smoke_run: SmokeRun, capsys) -> None:
+    code = main(smoke_args(smoke_run.root, smoke_run.cache_dir))
+    assert code == 2
+    assert "already holds files; pass --resume" in capsys.readouterr().err
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  lr: -1\n  mystery: 3\n")
+    code = main(["run", "--config", str(bad), "--output", str(tmp_path / "out"), "--no-dashboard"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "key 'ppo.lr'" in err and "unknown key 'ppo.mystery'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _wait_for_checkpoint(root: Path, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if list((root / "tune").glob("*/checkpoint_000000")):
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (code {process.returncode}) before its first checkpoint")
+        time.sleep(0.5)
+    pytest.fail("no checkpoint within the time limit")
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes(tmp_path: Path) -> None:
+    root, cache = tmp_path / "run", tmp_path / "cache"
+    command = [sys.executable, "-m", "orchestrator", *smoke_args(root, cache)]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_checkpoint(root, process, timeout_s=300)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        process.wait()
+    assert not (root / "summary.json").exists()
+    forward_before = sum(1 for _ in cache.rglob("*.npz"))
+
+    code = main(["run", "--output", str(root), "--resume", "--num-cpus", "2", "--no-dashboard"])
+    assert code == 0
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
+    # The warm-up finished before the kill: every pair is served from the disk cache.
+    assert summary["inference"]["forward_passes"] == 0
+    assert sum(1 for _ in cache.rglob("*.npz")) == forward_before
