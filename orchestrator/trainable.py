@@ -34,6 +34,7 @@ from orchestrator.config import RunConfig, parse_config
 from orchestrator.evaluation import METHOD_OF_TRIAL, make_evaluator, summarise
 from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
 from orchestrator.ppo import ExportedPolicy, build_ppo_config, export_policy, flatten_result
+from orchestrator.progress_metrics import export_progress
 from orchestrator.segmentation_client import SegmentationClient
 
 BEST_POLICY_FILE = "best_policy.pt"
@@ -84,8 +85,10 @@ def _ppo_trial(
                 writer.add_scalar(key, value, global_step=int(steps))
             writer.flush()
             best.offer(algo.get_module(), metrics, trial, config)
+            export_progress(trial, metrics)
             _report_with_checkpoint(algo, best, metrics)
         evaluation = _evaluate_best(trial, run, paths, config, client, best)
+        export_progress(trial, evaluation)
         for key, value in evaluation.items():
             writer.add_scalar(key, value, global_step=int(steps))
         _report_with_checkpoint(algo, best, {**metrics, **evaluation})
@@ -201,6 +204,7 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
 
     def on_epoch(epoch: int, val_mae: float) -> None:
         writer.add_scalar(mk.REWARD_NET_VAL_MAE, val_mae, global_step=epoch)
+        export_progress("reward_net", {mk.REWARD_NET_VAL_MAE: val_mae})
         tune.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
 
     model, report = reward_net.train_reward_net(
