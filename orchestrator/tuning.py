@@ -14,7 +14,6 @@ from typing import Any
 import ray
 from ray import tune
 
-from orchestrator import metric_keys as mk
 from orchestrator.config import RunConfig, config_to_dict
 from orchestrator.experiments import TUNE_EXPERIMENT, RunPaths, trials_for
 from orchestrator.trainable import run_trial
@@ -82,7 +81,11 @@ def fit(
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=len(trials)),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=len(trials),
+                trial_name_creator=trial_label,
+                trial_dirname_creator=trial_label,
+            ),
             run_config=tune.RunConfig(
                 name=TUNE_EXPERIMENT,
                 storage_path=str(paths.root),
@@ -94,11 +97,7 @@ def fit(
     return tuner.fit()
 
 
-def trial_name(result: Any) -> str:
-    """The trial (prompt, postprocess, reward_net, reward_guided) a Tune result belongs to."""
-    return str(result.config["trial"])
-
-
-def learning_curve_keys() -> tuple[str, ...]:
-    """Result columns the report plots per experiment."""
-    return (mk.EP_REW_MEAN, mk.GT_DICE, mk.REWARD_NET_SCORE)
+def trial_label(trial: Any) -> str:
+    """``prompt_1c4cd_00000``: trials are recognisable by experiment in Tune's table, the
+    dashboard and the run directory."""
+    return f"{trial.config['trial']}_{trial.trial_id}"
