@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.demo_data",
     "orchestrator.commands.check_data",
     "orchestrator.commands.plan",
+    "orchestrator.commands.report",
 )
 
 EXIT_USER_ERROR = 2

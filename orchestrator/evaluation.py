@@ -15,14 +15,22 @@ Methods (each yields one final mask per test image):
 
 Policies see only what they saw in training (image + current mask); ground truth enters only
 the metrics and the oracles.
+
+Example masks: an :class:`Evaluator` with ``examples_dir`` set picks three test images from the
+baseline's Dice (worst, median, best: :func:`pick_examples`) when it computes the baseline, and
+from then on saves every method's final mask of those images as a PNG
+(:func:`example_mask_path`), so the report can draw overlays without a model.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from envs.mask_ops import MaskOpsConfig, MaskState, apply_op
@@ -46,6 +54,9 @@ METHOD_OF_TRIAL = {
     "postprocess": "postprocess_rl",
     "reward_guided": "reward_rl",
 }
+REFERENCES = ("baseline", "best_fixed_prompt")
+"""Methods every other method gets a paired difference to (see :func:`summarise`)."""
+EXAMPLE_ROLES = ("worst", "median", "best")
 Policy = Callable[[np.ndarray], int]
 
 
@@ -110,6 +121,36 @@ def oracle_postprocess_mask(
     return best[1], best[2]
 
 
+def pick_examples(baseline_rows: Sequence[ImageResult]) -> dict[str, str]:
+    """Role (worst, median, best by baseline Dice; ties by image id) -> image id. With fewer
+    than three images some roles share an image."""
+    if not baseline_rows:
+        raise ValueError("no baseline rows to pick examples from")
+    ordered = sorted(baseline_rows, key=lambda r: (r.dice, r.image_id))
+    picks = (ordered[0], ordered[len(ordered) // 2], ordered[-1])
+    return {role: row.image_id for role, row in zip(EXAMPLE_ROLES, picks, strict=True)}
+
+
+def example_mask_path(directory: Path, method: str, image_id: str) -> Path:
+    """Where a method's final mask of ``image_id`` is saved (a file name safe on any OS)."""
+    return directory / f"{method}__{re.sub(r'[^A-Za-z0-9._()-]', '_', image_id)}.png"
+
+
+def write_mask_png(path: Path, mask: np.ndarray) -> None:
+    """A bool mask as an 8-bit PNG (0 / 255)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), mask.astype(np.uint8) * 255):
+        raise OSError(f"could not write {path}")
+
+
+def read_mask_png(path: Path) -> np.ndarray:
+    """A mask written by :func:`write_mask_png`, as bool."""
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise FileNotFoundError(f"no readable mask PNG at {path}")
+    return image > 127
+
+
 @dataclass
 class Evaluator:
     """Evaluates methods on ``test`` samples with the run's environments and policies.
@@ -118,6 +159,9 @@ class Evaluator:
         test: the held-out samples (with ground truth).
         segmenter: the shared segmenter (cache-backed in a run).
         prompts / default_prompt / max_steps / ops: the environments' settings.
+        examples_dir: where to save example masks (None: save none). Call :meth:`baseline`
+            first: it chooses ``keep_ids``; every later method saves its masks of those ids.
+        keep_ids: image ids whose final masks are saved (set by :meth:`baseline`).
     """
 
     test: Sequence[Sample]
@@ -126,13 +170,28 @@ class Evaluator:
     default_prompt: str
     max_steps: int
     ops: MaskOpsConfig
+    examples_dir: Path | None = None
+    keep_ids: frozenset[str] = field(default_factory=frozenset)
+
+    def _measure(self, method: str, sample: Sample, mask: np.ndarray, detail: str) -> ImageResult:
+        if self.examples_dir is not None and sample.id in self.keep_ids:
+            write_mask_png(example_mask_path(self.examples_dir, method, sample.id), mask)
+        return _result(method, sample, mask, detail)
 
     def baseline(self) -> list[ImageResult]:
-        return self.fixed_prompt("baseline", self.default_prompt)
+        """The default prompt; with ``examples_dir`` set, also picks and saves the examples."""
+        masks = {s.id: self.segmenter.segment(s.image, self.default_prompt).mask for s in self.test}
+        rows = [_result("baseline", s, masks[s.id], self.default_prompt) for s in self.test]
+        if self.examples_dir is not None and rows:
+            self.keep_ids = frozenset(pick_examples(rows).values())
+            for image_id in sorted(self.keep_ids):
+                path = example_mask_path(self.examples_dir, "baseline", image_id)
+                write_mask_png(path, masks[image_id])
+        return rows
 
     def fixed_prompt(self, method: str, prompt: str) -> list[ImageResult]:
         return [
-            _result(method, s, self.segmenter.segment(s.image, prompt).mask, prompt)
+            self._measure(method, s, self.segmenter.segment(s.image, prompt).mask, prompt)
             for s in self.test
         ]
 
@@ -143,7 +202,7 @@ class Evaluator:
             masks = [self.segmenter.segment(s.image, p).mask for p in self.prompts]
             dices = [mask_metrics(m, s.mask).dice for m in masks]
             best = int(np.argmax(dices))
-            rows.append(_result("oracle_prompt", s, masks[best], self.prompts[best]))
+            rows.append(self._measure("oracle_prompt", s, masks[best], self.prompts[best]))
         return rows
 
     def oracle_postprocess(self) -> list[ImageResult]:
@@ -154,14 +213,14 @@ class Evaluator:
                 self.segmenter.segment(s.image, self.default_prompt)
             )
             mask, seq = oracle_postprocess_mask(start, s.mask, self.ops, self.max_steps)
-            rows.append(_result("oracle_postprocess", s, mask, " > ".join(seq) or "(none)"))
+            rows.append(self._measure("oracle_postprocess", s, mask, " > ".join(seq) or "(none)"))
         return rows
 
     def policy(self, method: str, env: SegmentationEnv, policy: Policy) -> list[ImageResult]:
         rows = []
         for s in self.test:
             state, actions = run_policy(env, policy, s.id)
-            rows.append(_result(method, s, state.mask, " > ".join(actions)))
+            rows.append(self._measure(method, s, state.mask, " > ".join(actions)))
         return rows
 
     def combined(
@@ -176,7 +235,8 @@ class Evaluator:
             _, prompt_actions = run_policy(prompt_env, prompt_policy, s.id)
             chosen = prompt_actions[-1]
             state, post_actions = run_policy(post_env, post_policy, s.id, {"base_prompt": chosen})
-            rows.append(_result("combined", s, state.mask, " > ".join([chosen, *post_actions])))
+            detail = " > ".join([chosen, *post_actions])
+            rows.append(self._measure("combined", s, state.mask, detail))
         return rows
 
 
@@ -203,22 +263,61 @@ def bootstrap_mean(values: Sequence[float], *, seed: int = 0, resamples: int = 2
     return Estimate(mean, float(min(low, mean)), float(max(high, mean)))
 
 
+def verdict(difference: Estimate) -> str:
+    """ "better" / "worse" when the paired 95% CI excludes 0, else "no significant difference"."""
+    if difference.low > 0:
+        return "better"
+    if difference.high < 0:
+        return "worse"
+    return "no significant difference"
+
+
 @dataclass(frozen=True)
 class MethodSummary:
-    """A method's means with CIs, and its paired difference to the baseline with CIs."""
+    """A method's means with CIs, and its paired differences to each reference method.
+
+    Attributes:
+        paired: reference method (see :data:`REFERENCES`) -> metric -> mean of the per-image
+            difference ``method - reference`` with its bootstrap CI (on the shared images).
+    """
 
     method: str
     n: int
     metrics: dict[str, Estimate]
-    vs_baseline: dict[str, Estimate]
+    paired: dict[str, dict[str, Estimate]]
+
+    @property
+    def vs_baseline(self) -> dict[str, Estimate]:
+        return self.paired.get("baseline", {})
 
 
-def summarise(rows: Iterable[ImageResult], *, seed: int = 0) -> dict[str, MethodSummary]:
-    """Per-method summaries; paired differences use the images both methods were run on."""
+def paired_difference(
+    results: Mapping[str, ImageResult],
+    reference: Mapping[str, ImageResult],
+    *,
+    seed: int = 0,
+) -> dict[str, Estimate]:
+    """Metric -> mean per-image difference ``results - reference`` with its bootstrap CI, over
+    the image ids both hold (empty when they share none)."""
+    shared = sorted(set(results) & set(reference))
+    if not shared:
+        return {}
+    return {
+        name: bootstrap_mean(
+            [getattr(results[i], name) - getattr(reference[i], name) for i in shared], seed=seed
+        )
+        for name in METRIC_NAMES
+    }
+
+
+def summarise(
+    rows: Iterable[ImageResult], *, seed: int = 0, references: Sequence[str] = REFERENCES
+) -> dict[str, MethodSummary]:
+    """Per-method summaries (in the order methods first appear in ``rows``), with paired
+    differences to every reference method present."""
     by_method: dict[str, dict[str, ImageResult]] = {}
     for row in rows:
         by_method.setdefault(row.method, {})[row.image_id] = row
-    base = by_method.get("baseline", {})
     out = {}
     for method, results in by_method.items():
         ids = sorted(results)
@@ -226,22 +325,21 @@ def summarise(rows: Iterable[ImageResult], *, seed: int = 0) -> dict[str, Method
             name: bootstrap_mean([getattr(results[i], name) for i in ids], seed=seed)
             for name in METRIC_NAMES
         }
-        paired = [i for i in ids if i in base]
-        diffs = (
-            {
-                name: bootstrap_mean(
-                    [getattr(results[i], name) - getattr(base[i], name) for i in paired], seed=seed
-                )
-                for name in METRIC_NAMES
-            }
-            if paired
-            else {}
-        )
-        out[method] = MethodSummary(method, len(ids), metrics, diffs)
+        paired = {
+            ref: paired_difference(results, by_method[ref], seed=seed)
+            for ref in references
+            if ref in by_method
+        }
+        out[method] = MethodSummary(method, len(ids), metrics, paired)
     return out
 
 
-def make_evaluator(config: Any, test: Sequence[Sample], segmenter: Segmenter) -> Evaluator:
+def make_evaluator(
+    config: Any,
+    test: Sequence[Sample],
+    segmenter: Segmenter,
+    examples_dir: Path | None = None,
+) -> Evaluator:
     """An :class:`Evaluator` with a run config's environment settings."""
     return Evaluator(
         test=test,
@@ -250,4 +348,5 @@ def make_evaluator(config: Any, test: Sequence[Sample], segmenter: Segmenter) ->
         default_prompt=config.env.default_prompt,
         max_steps=config.env.max_steps,
         ops=MaskOpsConfig.from_dict(dict(config.mask_ops)),
+        examples_dir=examples_dir,
     )

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from ray import tune
 from tensorboardX import SummaryWriter
 
@@ -228,6 +230,7 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
         },
     )
     paths.reward_net_report.write_text(json.dumps(report.to_dict(), indent=2))
+    _save_val_predictions(paths, model, examples["val"])
     dice = report.targets["dice"]
     tune.report(
         {
@@ -237,3 +240,18 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
             mk.REWARD_NET_MEAN_PREDICTOR_MAE: dice.mean_predictor_mae,
         }
     )
+
+
+def _save_val_predictions(paths: RunPaths, model: Any, val: list[Any]) -> None:
+    """The validation predictions behind ``report.json``, for the report's scatter plot."""
+    from orchestrator.report import (
+        RewardNetPredictions,
+        reward_net_predictions_path,
+        write_reward_net_predictions,
+    )
+
+    x = torch.from_numpy(np.stack([e.x for e in val]))
+    predictions = RewardNetPredictions(
+        [e.image_id for e in val], reward_net.predict(model, x), np.stack([e.y for e in val])
+    )
+    write_reward_net_predictions(reward_net_predictions_path(paths), predictions)
