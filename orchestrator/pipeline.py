@@ -98,6 +98,7 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
                     f"this run started with ({paths.config}); resume without --config, or start "
                     "a new run with another --output"
                 )
+        check_model_source(saved)
         return saved
     if options.resume:
         raise UserError(
@@ -106,6 +107,7 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
         )
     config_path = options.config or str(Path(__file__).parent.parent / "tune_configs/quick.yaml")
     config = load_config(config_path, options.overrides())
+    check_model_source(config)  # before the run directory exists: a fixed re-run may reuse it
     if paths.root.exists() and any(paths.root.iterdir()):
         raise UserError(
             f"output directory {paths.root} already holds files; pass --resume to continue that "
@@ -185,6 +187,26 @@ def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
     }
 
 
+def check_model_source(config: RunConfig) -> None:
+    """Refuse, before Ray starts, a Sa2VA source the workers would refuse: no model, a missing
+    folder, or a Hub id whose remote code is not pinned to a commit (unless the config allows
+    it). Otherwise the user would wait for workers that never become ready. On a cluster the
+    folder must exist at the same path on the driver's node as on the GPU nodes."""
+    name, options = backend_spec(config)
+    if name == "sa2va":
+        from models.sa2va import ModelSource
+
+        try:
+            ModelSource.resolve(
+                options["model_path"], options["revision"], options["allow_unpinned_remote_code"]
+            )
+        except UserError as err:
+            raise UserError(
+                f"{err} (Run config keys: backend.model_path or --model-path, backend.revision, "
+                "backend.allow_unpinned_remote_code.)"
+            ) from None
+
+
 def gpu_plan(config: RunConfig, address: str | None) -> Any:
     """The GPU memory plan (None for the CPU backend); raises before anything loads when no
     worker fits. Call after ``ray.init`` when joining a cluster (its GPUs are read there)."""
@@ -218,12 +240,65 @@ def start_ray(options: RunOptions, plan: Any) -> None:
         os.environ.update(plan.local_node.env())
         kwargs = plan.ray_init_kwargs()
     ray.init(
+        address="local",  # never join another cluster running on this machine by accident
         num_cpus=options.num_cpus,
         include_dashboard=options.dashboard,
         dashboard_host="127.0.0.1",
         **kwargs,
         **common,
     )
+
+
+def check_shared_storage(config: RunConfig, paths: RunPaths, prepared: PreparedData) -> None:
+    """On a multi-node cluster, make sure every node sees the run directory and the cache (by a
+    marker file the driver writes) and the data folder, at the driver's paths. Trials and
+    workers run on any node and use these paths; without shared storage they would fail
+    minutes later, far from the cause. Raises UserError naming the nodes and paths."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if len(nodes) < 2:
+        return
+    cache = Path(config.workers.cache_dir).expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    nonce = os.urandom(8).hex()
+    markers = {str(folder / f".sa2va-rl-shared-{nonce}"): nonce for folder in (paths.root, cache)}
+    for marker in markers:
+        Path(marker).write_text(nonce)
+    probe = ray.remote(num_cpus=0)(unseen_paths)
+    try:
+        refs = {
+            node["NodeManagerAddress"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+            ).remote(markers, [prepared.data_dir])
+            for node in nodes
+        }
+        unseen = {ip: found for ip, found in zip(refs, ray.get(list(refs.values())), strict=True)}
+    finally:
+        for marker in markers:
+            Path(marker).unlink(missing_ok=True)
+    missing = {ip: found for ip, found in unseen.items() if found}
+    if missing:
+        where = "; ".join(
+            f"node {ip} does not see {', '.join(found)}" for ip, found in missing.items()
+        )
+        raise UserError(
+            f"shared storage: {where}. On a multi-node cluster --output, --data and --cache-dir "
+            "must be on storage every node mounts at the same path (e.g. NFS; see "
+            "docs/cluster.md, 'Shared storage and more machines')."
+        )
+
+
+def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
+    """The folders (of ``markers``: marker file -> expected content, and ``folders``: must
+    exist) that this process does not see. Runs on each node."""
+    unseen = []
+    for marker, nonce in markers.items():
+        path = Path(marker)
+        if not path.is_file() or path.read_text() != nonce:
+            unseen.append(str(path.parent))
+    return unseen + [folder for folder in folders if not Path(folder).is_dir()]
 
 
 def start_segmentation_workers(config: RunConfig, plan: Any) -> list[str]:
@@ -298,6 +373,7 @@ def run(options: RunOptions) -> int:
             plan = None if options.address else gpu_plan(config, None)
             start_ray(options, plan)
             if options.address:
+                check_shared_storage(config, paths, prepared)
                 plan = gpu_plan(config, options.address)
             if plan is not None:
                 write_json(paths.root / "gpu_plan.json", plan.to_json())
@@ -311,13 +387,15 @@ def run(options: RunOptions) -> int:
         with clock.stage("evaluate", "evaluation on the test split"):
             from orchestrator import report
 
-            methods = report.evaluate_run(config, paths, prepared, client, grid)
+            report.evaluate_run(config, paths, prepared, client, grid)
         with clock.stage("report", "summary and report"):
-            summary = report.build_summary(
-                config, prepared, grid, methods, client.stats(), clock.seconds, started
+            facts = report.build_summary(
+                config, prepared, grid, client.stats(), clock.seconds, started, client.backend_id
             )
-            write_json(paths.summary, summary)
-            report.write_report(paths, summary)
+            write_json(paths.summary, facts)
+            # The report is rebuilt from the files just written, exactly as `sa2va-rl report`
+            # rebuilds it, so both give the same bytes.
+            summary = report.write_report(paths)
             print(report.comparison_table(summary))
     finally:
         if ray.is_initialized():

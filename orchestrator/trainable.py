@@ -70,13 +70,14 @@ def _ppo_trial(
     tune.register_env(ENV_NAME, make_env)
     env_config = {"trial": trial, "kwargs": kwargs, "segmenter": client}
     algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
-    best = BestPolicy()
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    best = BestPolicy(trial_dir)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             algo.restore_from_path(Path(directory) / ALGO_DIR)
             best.restore(Path(directory))
-    writer = SummaryWriter(tune.get_context().get_trial_dir())
+    writer = _writer(trial_dir)
     steps = 0.0
     try:
         while steps < run.ppo.total_env_steps:
@@ -99,6 +100,12 @@ def _ppo_trial(
         algo.stop()
 
 
+def _writer(trial_dir: Path) -> SummaryWriter:
+    # Tune's own TBX logger writes events.out.tfevents.<second>.<host> into the same directory:
+    # a suffix keeps the two files apart when both start within one second.
+    return SummaryWriter(str(trial_dir), filename_suffix=".sa2va-rl")
+
+
 def _reward_net_ids(paths: RunPaths, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "reward_net": str(paths.reward_net),
@@ -111,9 +118,9 @@ class BestPolicy:
     """The exported policy of the iteration with the highest ``rollout/ep_rew_mean`` so far
     (RLlib's 100-episode mean): what evaluation uses. Kept in every checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path) -> None:
         self.score = -math.inf
-        self.path = Path(tempfile.mkdtemp(prefix="sa2va-rl-best-")) / BEST_POLICY_FILE
+        self.path = directory / BEST_POLICY_FILE
 
     def offer(self, module: Any, metrics: dict[str, float], trial: str, config: dict[str, Any]):
         score = metrics.get(mk.EP_REW_MEAN, -math.inf)
@@ -189,7 +196,7 @@ def _wait_for(path: Path) -> None:
 
 def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], client: Any) -> None:
     cfg = run.reward_net
-    writer = SummaryWriter(tune.get_context().get_trial_dir())
+    writer = _writer(Path(tune.get_context().get_trial_dir()))
     examples = {}
     for split in ("train", "val"):
         samples = load_samples(

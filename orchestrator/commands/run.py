@@ -18,8 +18,15 @@ Examples:
   sa2va-rl run --config tune_configs/full.yaml --data data/angio --backend sa2va \\
       --model-path ./Sa2VA-4B --output runs/full
   sa2va-rl run --output runs/full --resume               # continue an interrupted run
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token   # the cluster's token
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
       sa2va-rl run --address auto --config tune_configs/quick.yaml --output /shared/runs/q
+
+Ray token authentication stays on: the job API and `ray` clients need RAY_AUTH_MODE=token and
+the cluster's token (file named by RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_token), or they get
+"Authentication required". On a cluster, --output, --data, --cache-dir and --model-path must be
+paths every node sees (shared storage). Cluster guide, docker-compose and security notes:
+docs/cluster.md.
 
 Watch it: the Ray dashboard (http://127.0.0.1:8265: Jobs, Actors "segmentation-worker-*",
 Cluster for GPU memory), TensorBoard (`tensorboard --logdir RUN_DIR/tune`).
