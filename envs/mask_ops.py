@@ -33,7 +33,7 @@ import numpy as np
 from skimage.morphology import skeletonize
 
 from models.errors import UserError
-from models.segmentation import Segmentation
+from models.segmentation import Segmentation, check_mask_and_prob
 
 OPS: tuple[str, ...] = (
     "dilate",
@@ -72,14 +72,7 @@ class MaskState:
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.mask.dtype != np.bool_ or self.mask.ndim != 2:
-            raise ValueError(f"mask must be bool HxW, got {self.mask.dtype} {self.mask.shape}")
-        if self.prob is not None and (
-            self.prob.shape != self.mask.shape or self.prob.dtype != np.float32
-        ):
-            raise ValueError(
-                f"prob must be float32 {self.mask.shape}, got {self.prob.dtype} {self.prob.shape}"
-            )
+        check_mask_and_prob(self.mask, self.prob)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 

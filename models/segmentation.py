@@ -16,6 +16,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 
+def check_mask_and_prob(mask: np.ndarray, prob: np.ndarray | None) -> None:
+    """Raise ``ValueError`` unless ``mask`` is bool HxW and ``prob`` is None or float32 HxW."""
+    if mask.dtype != np.bool_ or mask.ndim != 2:
+        raise ValueError(f"mask must be bool HxW, got {mask.dtype} {mask.shape}")
+    if prob is not None and (prob.shape != mask.shape or prob.dtype != np.float32):
+        raise ValueError(f"prob must be float32 {mask.shape}, got {prob.dtype} {prob.shape}")
+
+
 @dataclass(frozen=True)
 class Segmentation:
     """One backend answer.
@@ -36,14 +44,7 @@ class Segmentation:
     flags: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.mask.dtype != np.bool_ or self.mask.ndim != 2:
-            raise ValueError(f"mask must be bool HxW, got {self.mask.dtype} {self.mask.shape}")
-        if self.prob is not None and (
-            self.prob.shape != self.mask.shape or self.prob.dtype != np.float32
-        ):
-            raise ValueError(
-                f"prob must be float32 {self.mask.shape}, got {self.prob.dtype} {self.prob.shape}"
-            )
+        check_mask_and_prob(self.mask, self.prob)
 
 
 @runtime_checkable
