@@ -100,20 +100,16 @@ class RewardGuidedPromptEnv(PromptSelectionEnv):
 
     def __init__(
         self,
-        data: DataArg = None,
-        split: str = "train",
-        segmenter: Segmenter | None = None,
-        max_steps: int = 3,
-        prompts: Sequence[str] = CANDIDATE_PROMPTS,
-        default_prompt: str = DEFAULT_PROMPT,
-        recall_weight: float = 0.0,
-        manifest: DataArg = None,
-        max_images: int | None = None,
-        samples: Sequence[Sample] | None = None,
         reward_net: str | Path | RewardScorer | None = None,
         expected_backend_id: str | None = None,
         expected_manifest_hash: str | None = None,
+        segmenter: Segmenter | None = None,
+        recall_weight: float = 0.0,
+        **prompt_env_kwargs: Any,
     ) -> None:
+        """``prompt_env_kwargs``: the data, prompt and episode keywords of
+        :class:`PromptSelectionEnv`; ``expected_*`` reject a checkpoint made for another
+        backend or split."""
         segmenter = segmenter or default_segmenter()
         if reward_net is None:
             scorer = default_reward_scorer(segmenter)
@@ -126,16 +122,9 @@ class RewardGuidedPromptEnv(PromptSelectionEnv):
                 manifest_hash=expected_manifest_hash,
             )
         super().__init__(
-            data=data,
-            split=split,
             segmenter=segmenter,
-            max_steps=max_steps,
-            prompts=prompts,
-            default_prompt=default_prompt,
-            manifest=manifest,
-            max_images=max_images,
-            samples=samples,
             objective=RewardNetObjective(scorer, recall_weight),
+            **prompt_env_kwargs,
         )
 
 
