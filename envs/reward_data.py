@@ -1,21 +1,28 @@
 """Training examples for the reward network: masks a policy could actually produce.
 
-For every labelled image: the mask of every candidate prompt, and masks reached from those by
-random post-processing sequences of up to ``max_ops`` operations (what experiments 1 and 2 can
-reach), each scored against the ground truth. ``per_image`` of them are kept per image, chosen
-with a seeded RNG, so the data set covers good and bad masks of each image.
+For every labelled image, ``per_image`` masks, each scored against the ground truth with
+:func:`models.metrics.mask_metrics`:
+
+1. the mask of every candidate prompt, in prompt order (what the prompt-choosing policies pick
+   among; a seeded random subset of them when ``per_image`` is smaller than the prompt count);
+2. then masks reached by random post-processing sequences of 1 to ``max_ops`` operations, each
+   starting from a random prompt's mask (what the post-processing experiment can reach).
+
+So the data covers good and bad masks of each image, and an image's examples share one image
+channel (see :class:`models.reward_net.RewardExample`). Every image is segmented once per prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from envs.mask_ops import MaskOpsConfig, MaskState, apply_op
 from envs.sample import Sample
 from models.errors import UserError
-from models.reward_net import RewardExample, make_example
+from models.metrics import mask_metrics
+from models.reward_net import RewardExample, image_channel, mask_channel
 from models.segmentation import Segmenter
 
 
@@ -25,14 +32,18 @@ def candidate_masks(
     prompts: Sequence[str],
     rng: np.random.Generator,
     ops: MaskOpsConfig,
-    n_op_sequences: int,
+    per_image: int,
     max_ops: int = 3,
 ) -> list[np.ndarray]:
-    """Every prompt's mask, then ``n_op_sequences`` random op sequences on random prompt masks."""
+    """``per_image`` masks of ``sample``: prompt masks first, then random op sequences (see the
+    module docstring). The random choices come from ``rng``."""
     states = [MaskState.from_segmentation(segmenter.segment(sample.image, p)) for p in prompts]
+    if per_image <= len(states):
+        picks = sorted(rng.choice(len(states), size=per_image, replace=False).tolist())
+        return [states[i].mask for i in picks]
     masks = [s.mask for s in states]
     usable_ops = [op for op in ops.ops if op != "stop"]
-    for _ in range(n_op_sequences):
+    for _ in range(per_image - len(states)):
         state = states[int(rng.integers(len(states)))]
         for _ in range(int(rng.integers(1, max_ops + 1))):
             state = apply_op(usable_ops[int(rng.integers(len(usable_ops)))], state, ops)
@@ -41,7 +52,7 @@ def candidate_masks(
 
 
 def build_examples(
-    samples: Sequence[Sample],
+    samples: Iterable[Sample],
     segmenter: Segmenter,
     prompts: Sequence[str],
     *,
@@ -51,24 +62,33 @@ def build_examples(
     ops: MaskOpsConfig | None = None,
     on_image: Callable[[int], None] | None = None,
 ) -> list[RewardExample]:
-    """``per_image`` scored masks per labelled sample (see the module docstring).
+    """``per_image`` scored masks per labelled sample, in sample order (see the module docstring).
 
-    ``on_image(i)`` is called after each image (progress).
+    ``samples`` may be a lazy iterable (images are not kept, only the examples). ``on_image(i)``
+    is called after each image (progress). Raises ``UserError`` at a sample without ground
+    truth, before segmenting it.
     """
+    if per_image < 1 or not prompts:
+        raise UserError(f"need per_image >= 1 and prompts, got {per_image} and {len(prompts)}")
     ops = ops or MaskOpsConfig()
     rng = np.random.default_rng(seed)
     examples: list[RewardExample] = []
     for i, sample in enumerate(samples):
-        if sample.mask is None:
-            raise UserError(
-                f"image {sample.id} has no ground-truth mask: the reward network is trained on "
-                "labelled images only (the train split of a labelled dataset)"
-            )
-        masks = candidate_masks(sample, segmenter, prompts, rng, ops, n_op_sequences=per_image)
-        for j in rng.choice(len(masks), size=min(per_image, len(masks)), replace=False):
-            examples.append(
-                make_example(sample.id, sample.image, masks[j], sample.mask, input_size)
-            )
+        gt = _ground_truth(sample)
+        image_x = image_channel(sample.image, input_size)
+        for mask in candidate_masks(sample, segmenter, prompts, rng, ops, per_image):
+            m = mask_metrics(mask, gt)
+            y = np.array([m.dice, m.recall, m.precision], dtype=np.float32)
+            examples.append(RewardExample(sample.id, image_x, mask_channel(mask, input_size), y))
         if on_image:
             on_image(i)
     return examples
+
+
+def _ground_truth(sample: Sample) -> np.ndarray:
+    if sample.mask is None:
+        raise UserError(
+            f"image {sample.id} has no ground-truth mask: the reward network is trained on "
+            "labelled images only; use a dataset whose train and val images all have masks"
+        )
+    return sample.mask

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.check_data",
     "orchestrator.commands.plan",
     "orchestrator.commands.report",
+    "orchestrator.commands.train_reward_net",
 )
 
 EXIT_USER_ERROR = 2

@@ -250,10 +250,9 @@ def start_ray(options: RunOptions, plan: Any) -> None:
 
 
 def check_shared_storage(config: RunConfig, paths: RunPaths, prepared: PreparedData) -> None:
-    """On a multi-node cluster, make sure every node sees the run directory and the cache (by a
-    marker file the driver writes) and the data folder, at the driver's paths. Trials and
-    workers run on any node and use these paths; without shared storage they would fail
-    minutes later, far from the cause. Raises UserError naming the nodes and paths."""
+    """On a multi-node cluster, check that every node sees the run directory and the cache (a
+    marker file the driver writes) and the data folder at the driver's paths: trials and workers
+    use them on any node, and would otherwise fail minutes later, far from the cause."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -268,31 +267,32 @@ def check_shared_storage(config: RunConfig, paths: RunPaths, prepared: PreparedD
         Path(marker).write_text(nonce)
     probe = ray.remote(num_cpus=0)(unseen_paths)
     try:
-        refs = {
-            node["NodeManagerAddress"]: probe.options(
+        refs = [
+            probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             ).remote(markers, [prepared.data_dir])
             for node in nodes
-        }
-        unseen = {ip: found for ip, found in zip(refs, ray.get(list(refs.values())), strict=True)}
+        ]
+        unseen = ray.get(refs)
     finally:
         for marker in markers:
             Path(marker).unlink(missing_ok=True)
-    missing = {ip: found for ip, found in unseen.items() if found}
+    missing = [
+        f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]}) does not see {', '.join(found)}"
+        for node, found in zip(nodes, unseen, strict=True)
+        if found
+    ]
     if missing:
-        where = "; ".join(
-            f"node {ip} does not see {', '.join(found)}" for ip, found in missing.items()
-        )
         raise UserError(
-            f"shared storage: {where}. On a multi-node cluster --output, --data and --cache-dir "
-            "must be on storage every node mounts at the same path (e.g. NFS; see "
-            "docs/cluster.md, 'Shared storage and more machines')."
+            f"shared storage: {'; '.join(missing)}. On a multi-node cluster --output, --data "
+            "and --cache-dir must be on storage every node mounts at the same path (e.g. NFS; "
+            "see docs/cluster.md, 'Shared storage and more machines')."
         )
 
 
 def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
-    """The folders (of ``markers``: marker file -> expected content, and ``folders``: must
-    exist) that this process does not see. Runs on each node."""
+    """Folders this node does not see: of ``markers`` (marker file -> its content) and of
+    ``folders`` (which must exist)."""
     unseen = []
     for marker, nonce in markers.items():
         path = Path(marker)

@@ -1,0 +1,186 @@
+"""The smoke run on a two-node Ray cluster with fake GPUs, joined through ``--address``.
+
+Two nodes with two declared 24 GB GPUs each (``--inventory 24:0,24:0;24:0,24:0``), each node started
+with its share of the GPU plan (``NodePlan.ray_node_args()``: ``num_gpus=2``, two worker slots,
+``gpu_mem_mb``, ``CUDA_VISIBLE_DEVICES``) and one CPU, the way ``ray start`` does it on a real
+cluster. The run uses the Sa2VA backend on the tiny remote-code model folder (device cpu), so the
+plan asks for four segmentation workers, one per GPU, and Ray has to spread them over both nodes.
+Ray hands out its GPU ids without touching hardware, which is all the placement relies on. Both
+nodes share this machine's filesystem, the stand-in for the shared storage a real cluster needs;
+the run's shared-storage check passes on it, and refuses a folder the nodes do not see.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from tiny_sa2va import write_tiny_sa2va
+
+from models.errors import UserError
+from orchestrator import gpu_budget as gb
+from orchestrator import pipeline
+from orchestrator.config import CONFIG_DIR, load_config
+from orchestrator.experiments import RunPaths
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+INVENTORY = "24:0,24:0;24:0,24:0"
+TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def plan() -> gb.GpuPlan:
+    plan = gb.build_plan(gb.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    assert [len(node.worker_gpus) for node in plan.nodes] == [2, 2]
+    return plan
+
+
+@pytest.fixture(scope="module")
+def cluster(plan: gb.GpuPlan) -> Iterator[tuple[Cluster, str, list[str]]]:
+    """The two nodes; the head also runs the dashboard (127.0.0.1) for the state API."""
+    dashboard_port = free_port()
+    local = Cluster()
+    try:
+        head_args: dict[str, Any] = {
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        }
+        node_ids = [
+            local.add_node(
+                num_cpus=1, **node.ray_node_args(), **(head_args if i == 0 else {})
+            ).node_id
+            for i, node in enumerate(plan.nodes)
+        ]
+        yield local, f"http://127.0.0.1:{dashboard_port}", node_ids
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sa2va_run(
+    cluster: tuple[Cluster, str, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, int]:
+    """``sa2va-rl run`` of the smoke config with the tiny Sa2VA model, joining the cluster."""
+    local, _dashboard, _nodes = cluster
+    base = tmp_path_factory.mktemp("multinode")
+    model = write_tiny_sa2va(base / "tiny_sa2va")
+    config = base / "smoke-sa2va-cpu.yaml"
+    config.write_text(
+        yaml.safe_dump({"extends": str(CONFIG_DIR / "smoke.yaml"), "backend": {"device": "cpu"}})
+    )
+    root = base / "run"
+    args = [
+        *("--address", local.address, "--config", str(config)),
+        *("--backend", "sa2va", "--model-path", str(model), "--inventory", INVENTORY),
+        *("--output", str(root), "--cache-dir", str(base / "cache")),
+    ]
+    # A driver process of its own, as `ray job submit` runs it (and this test process keeps no
+    # Ray state of the run).
+    driver = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    (base / "driver.log").write_text(driver.stdout + driver.stderr)
+    code = driver.returncode
+    return root, code
+
+
+def worker_actors(dashboard: str) -> list[Any]:
+    return list_actors(
+        address=dashboard,
+        filters=[("class_name", "=", "SegmentationWorker")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+
+
+def test_smoke_run_completes_on_the_cluster(sa2va_run: tuple[Path, int]) -> None:
+    root, code = sa2va_run
+    assert code == 0, (root.parent / "driver.log").read_text()[-3000:]
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["backend"] == "sa2va"
+    assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
+    assert summary["inference"]["workers"] == 4
+    assert summary["inference"]["forward_passes"] > 0
+    assert summary["methods"]["baseline"]["n"] == 6
+
+
+def test_one_segmentation_worker_per_gpu_across_nodes(
+    cluster: tuple[Cluster, str, list[str]], sa2va_run: tuple[Path, int]
+) -> None:
+    local, dashboard, (node0, node1) = cluster
+    root, _code = sa2va_run
+    saved_plan = json.loads((root / "gpu_plan.json").read_text())
+    assert saved_plan["workers"] == 4
+    actors = worker_actors(dashboard)
+    assert sorted(a.name for a in actors) == [f"segmentation-worker-{i}" for i in range(4)]
+    # Two workers on each node, and each node has exactly two Ray GPUs: one worker per GPU.
+    assert Counter(a.node_id for a in actors) == {node0: 2, node1: 2}
+    for actor in actors:
+        assert actor.required_resources == {"GPU": 1.0, gb.WORKER_SLOT_RESOURCE: 1.0}
+        assert actor.num_restarts == 0
+    # The run is over: its workers ended with the driver instead of holding the GPUs.
+    assert {a.state for a in actors} == {"DEAD"}
+    ray.init(address=local.address, log_to_driver=False)
+    try:
+        assert ray.cluster_resources()["GPU"] == ray.available_resources()["GPU"] == 4
+    finally:
+        ray.shutdown()
+
+
+def test_a_folder_some_node_does_not_see_is_refused(
+    cluster: tuple[Cluster, str, list[str]], sa2va_run: tuple[Path, int], tmp_path: Path
+) -> None:
+    """The shared-storage check the run passed above, failing: no node sees the data folder."""
+    local, _dashboard, node_ids = cluster
+    root, _code = sa2va_run
+    config = load_config(str(root / "config.yaml"))
+    prepared = pipeline.PreparedData(str(tmp_path / "absent"), "", {})
+    ray.init(address=local.address, log_to_driver=False)
+    try:
+        with pytest.raises(UserError) as refused:
+            pipeline.check_shared_storage(config, RunPaths(root), prepared)
+    finally:
+        ray.shutdown()
+    message = str(refused.value)
+    for node_id in node_ids:
+        assert f"({node_id[:8]}) does not see {tmp_path / 'absent'}" in message
+    assert "must be on storage every node mounts at the same path" in message
+    assert not list(root.glob(".sa2va-rl-shared-*"))  # the markers are cleaned up
+
+
+def test_unseen_paths_lists_what_this_node_does_not_see(tmp_path: Path) -> None:
+    seen, stale, gone = (tmp_path / name for name in ("seen", "stale", "gone"))
+    for folder in (seen, stale):
+        folder.mkdir()
+    (seen / "marker").write_text("n1")
+    (stale / "marker").write_text("old")
+    markers = {str(seen / "marker"): "n1", str(stale / "marker"): "n1", str(gone / "m"): "n1"}
+    assert pipeline.unseen_paths(markers, [str(seen), str(gone)]) == [
+        str(stale),
+        str(gone),
+        str(gone),
+    ]
