@@ -32,7 +32,13 @@ from envs.split import (
 from envs.synthetic import generate_samples
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS
-from models.reward_net import RewardScorer, load_checkpoint, save_checkpoint, train_reward_net
+from models.reward_net import (
+    CHECKPOINT_VERSION,
+    RewardScorer,
+    load_checkpoint,
+    save_checkpoint,
+    train_reward_net,
+)
 from models.segmentation import MemoSegmenter, Segmenter
 
 log = logging.getLogger(__name__)
@@ -112,7 +118,8 @@ def default_reward_scorer(segmenter: Segmenter, input_size: int = 64) -> RewardS
     """A small reward network for the built-in set, trained on first use and cached on disk."""
     from envs.reward_data import build_examples
 
-    key = hashlib.sha256(f"{segmenter.backend_id}|{BUILTIN_N}|{input_size}".encode()).hexdigest()
+    recipe = f"{segmenter.backend_id}|{BUILTIN_N}|{input_size}|v{CHECKPOINT_VERSION}"
+    key = hashlib.sha256(recipe.encode()).hexdigest()
     path = CACHE_ROOT / "reward_net" / f"builtin-{key[:16]}.pt"
     if path.is_file():
         return load_checkpoint(path, backend_id=segmenter.backend_id)

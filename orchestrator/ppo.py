@@ -12,6 +12,7 @@ RLlib: evaluation needs no pickled RLlib objects.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,12 @@ class ExportedPolicy:
             state, metadata = payload["state_dict"], dict(payload["metadata"])
         except FileNotFoundError:
             raise UserError(f"policy file {path} not found; re-run the experiment") from None
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False: wrong advice for untrusted files.
+            raise UserError(
+                f"policy file {path} holds pickled Python objects, which are never loaded "
+                "(they can run code); use a policy exported by sa2va-rl, or re-run the experiment"
+            ) from None
         except Exception as err:
             raise UserError(f"policy file {path} is unreadable ({err}); re-run it") from None
         layers = []

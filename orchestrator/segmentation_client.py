@@ -53,7 +53,14 @@ model; the model itself still runs one request at a time."""
 
 # Ray destroys a non-detached actor once no handle to it is left, even a named one: the process
 # that started the pool keeps its handles here until shutdown_workers.
-_POOL_HANDLES: dict[tuple[str, str], Any] = {}
+# Keyed by the Ray session too: a handle from an earlier ray.init in this process is dead and
+# must not stand in for a new worker of the same name.
+_POOL_HANDLES: dict[tuple[str, str, str], Any] = {}
+
+
+def _session() -> str:
+    context = ray.get_runtime_context()
+    return f"{context.gcs_address}/{context.get_node_id()}"
 
 
 @dataclass(frozen=True)
@@ -153,9 +160,12 @@ def start_workers(
                 min_input_cap=min_input_cap,
             )
         )
+    session = _session()
+    for stale in [key for key in _POOL_HANDLES if key[0] != session]:
+        del _POOL_HANDLES[stale]
     for name, handle in zip(names, handles, strict=True):
         # Keep the first (owning) handle: dropping it would destroy a reused worker.
-        _POOL_HANDLES.setdefault((namespace, name), handle)
+        _POOL_HANDLES.setdefault((session, namespace, name), handle)
     _wait_ready(names, handles, describe_factory(backend_factory), ready_timeout_s)
     return names
 
@@ -163,7 +173,7 @@ def start_workers(
 def shutdown_workers(names: Sequence[str], namespace: str = NAMESPACE) -> None:
     """Kill the named workers for good (no restart); names that no longer exist are skipped."""
     for name in names:
-        _POOL_HANDLES.pop((namespace, name), None)
+        _POOL_HANDLES.pop((_session(), namespace, name), None)
         try:
             handle = ray.get_actor(name, namespace=namespace)
         except ValueError:

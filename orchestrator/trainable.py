@@ -27,6 +27,7 @@ import torch
 from ray import tune
 from tensorboardX import SummaryWriter
 
+from envs.mask_ops import MaskOpsConfig
 from envs.reward_data import build_examples
 from envs.sources import load_samples
 from models import reward_net
@@ -209,6 +210,7 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
             per_image=cfg.samples_per_image,
             input_size=cfg.input_size,
             seed=cfg.seed,
+            ops=MaskOpsConfig.from_dict(dict(run.mask_ops)),
         )
 
     def on_epoch(epoch: int, val_mae: float) -> None:

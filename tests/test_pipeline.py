@@ -1,4 +1,4 @@
-"""The main job end to end: a smoke run on 2 logical CPUs, its outputs, and resuming a killed run."""
+"""The main job end to end: a smoke run on 2 logical CPUs, its outputs, resuming a killed run."""
 
 from __future__ import annotations
 
@@ -69,14 +69,18 @@ def test_tensorboard_files_have_the_original_tags(smoke_run: SmokeRun) -> None:
     assert set(dirs) == TRIALS
     original = {mk.EP_REW_MEAN, mk.EP_LEN_MEAN, mk.GT_DICE, mk.BEST_REWARD}
     for trial in PPO_TRIALS:
-        tags = set().union(*(read_scalar_tags(f) for f in dirs[trial].glob("events.out.tfevents.*")))
+        tags = set().union(
+            *(read_scalar_tags(f) for f in dirs[trial].glob("events.out.tfevents.*"))
+        )
         assert original <= tags, (trial, original - tags)
         assert mk.EVAL_DICE in tags and mk.POLICY_LOSS in tags
     guided = set().union(
         *(read_scalar_tags(f) for f in dirs["reward_guided"].glob("events.out.tfevents.*"))
     )
     assert mk.REWARD_NET_SCORE in guided
-    net = set().union(*(read_scalar_tags(f) for f in dirs["reward_net"].glob("events.out.tfevents.*")))
+    net = set().union(
+        *(read_scalar_tags(f) for f in dirs["reward_net"].glob("events.out.tfevents.*"))
+    )
     assert mk.REWARD_NET_VAL_MAE in net
 
 
