@@ -179,6 +179,8 @@ def aggregate_stats(per_worker: list[Mapping[str, Any]]) -> dict[str, Any]:
     total: dict[str, Any] = {name: sum(int(s[name]) for s in per_worker) for name in COUNTERS}
     total["queue_length"] = sum(int(s["queue_length"]) for s in per_worker)
     total["restarts"] = sum(int(s["restarts"]) for s in per_worker)
+    # Images are routed to one worker by hash, so workers serve disjoint pairs.
+    total["distinct_pairs"] = sum(int(s.get("distinct_pairs", 0)) for s in per_worker)
     for q in ("p50", "p95"):
         values = [s[f"latency_ms_{q}"] for s in per_worker if s[f"latency_ms_{q}"] is not None]
         total[f"latency_ms_{q}_worst"] = max(values) if values else None

@@ -264,7 +264,7 @@ def build_summary(
         "methods": {},
         "inference": {
             "forward_passes": total["forward_passes"],
-            "distinct_pairs": total["forward_passes"] + total["disk_hits"],
+            "distinct_pairs": total["distinct_pairs"],
             "cache_hits": total["memory_hits"] + total["disk_hits"],
             "disk_hits": total["disk_hits"],
             "workers": total["workers"],

@@ -136,6 +136,8 @@ class SegmentationWorker:
         # The pool's backend id; a backend whose id includes its cap (Sa2VA) gets another id
         # after an OOM lowered the cap, and its results are stored under that one.
         self._configured_id = self._backend.backend_id
+        # (digest, prompt) pairs this incarnation has served: the run summary's distinct pairs.
+        self._served: set[tuple[str, str]] = set()
         self._stats.set_input_cap(self._initial_cap)
         log.info("%s: backend %s loaded (restarts: %d)", name, self.backend_id(), restarts)
 
@@ -185,6 +187,7 @@ class SegmentationWorker:
         cache = self._cache.counters()
         snap.update(
             backend_id=self.backend_id(),
+            distinct_pairs=len(self._served),
             memory_cache_entries=cache["memory_cache_entries"],
             memory_cache_bytes=cache["memory_cache_bytes"],
             pid=os.getpid(),
@@ -208,6 +211,7 @@ class SegmentationWorker:
                 # Raised to this request's caller (the worker keeps serving); counted here.
                 self._stats.count("model_errors")
                 raise
+            self._served.add((digest, prompt))
             # Stored under the id of the backend that produced it (its cap may have changed).
             return self._cache.put(CacheKey(self._backend.backend_id, digest, prompt), seg)
 
@@ -216,6 +220,7 @@ class SegmentationWorker:
         for backend_id in dict.fromkeys((self._configured_id, self._backend.backend_id)):
             hit = self._cache.get(CacheKey(backend_id, digest, prompt), hw)
             if hit is not None:
+                self._served.add((digest, prompt))
                 return hit
         return None
 

@@ -57,7 +57,9 @@ def test_smoke_run_finishes_with_all_trials_terminated(smoke_run: SmokeRun) -> N
         assert {"dice", "recall", "precision", "iou"} <= set(method)
     inference = summary["inference"]
     assert inference["workers"] == 1
-    assert inference["forward_passes"] > 0
+    # A cold cache: each distinct (image, prompt) pair costs exactly one forward pass. The run
+    # needs 8 train + 8 val + 6 test images (smoke.yaml caps) x 11 prompts.
+    assert inference["forward_passes"] == inference["distinct_pairs"] == 22 * 11
     assert inference["oom_retries"] == 0
     assert summary["wall_seconds"] > 0
     for name in ("config.yaml", "split_manifest.json", "report.md"):
