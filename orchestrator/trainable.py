@@ -27,8 +27,6 @@ import torch
 from ray import tune
 from tensorboardX import SummaryWriter
 
-from envs.mask_ops import MaskOpsConfig
-from envs.reward_data import build_examples
 from envs.sources import load_samples
 from models import reward_net
 from models.errors import UserError
@@ -38,6 +36,7 @@ from orchestrator.evaluation import METHOD_OF_TRIAL, make_evaluator, summarise
 from orchestrator.experiments import ENV_NAME, RunPaths, env_kwargs, make_env
 from orchestrator.ppo import ExportedPolicy, build_ppo_config, export_policy, flatten_result
 from orchestrator.progress_metrics import export_progress
+from orchestrator.reward_training import examples_for, fit
 from orchestrator.segmentation_client import SegmentationClient
 
 BEST_POLICY_FILE = "best_policy.pt"
@@ -203,30 +202,14 @@ def _reward_net_trial(run: RunConfig, paths: RunPaths, config: dict[str, Any], c
         samples = load_samples(
             config["data_dir"], split=split, manifest=paths.manifest, max_images=cfg.max_images
         )
-        examples[split] = build_examples(
-            samples,
-            client,
-            run.env.prompts,
-            per_image=cfg.samples_per_image,
-            input_size=cfg.input_size,
-            seed=cfg.seed,
-            ops=MaskOpsConfig.from_dict(dict(run.mask_ops)),
-        )
+        examples[split] = examples_for(run, samples, client)
 
     def on_epoch(epoch: int, val_mae: float) -> None:
         writer.add_scalar(mk.REWARD_NET_VAL_MAE, val_mae, global_step=epoch)
         export_progress("reward_net", {mk.REWARD_NET_VAL_MAE: val_mae})
         tune.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
 
-    model, report = reward_net.train_reward_net(
-        examples["train"],
-        examples["val"],
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        on_epoch=on_epoch,
-    )
+    model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch)
     writer.close()
     reward_net.save_checkpoint(
         paths.reward_net,

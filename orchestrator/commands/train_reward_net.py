@@ -156,23 +156,18 @@ def _examples(config: Any, data: _Data, segmenter: Any) -> dict[str, list[Any]]:
     """Reward-net examples of the train and val splits, with a progress bar per split."""
     from tqdm import tqdm
 
-    from envs.mask_ops import MaskOpsConfig
-    from envs.reward_data import build_examples
     from envs.sources import spread
+    from orchestrator.reward_training import examples_for
 
     cfg = config.reward_net
     out = {}
     for name in ("train", "val"):
         ids = spread(getattr(data.split, name), cfg.max_images)
         with tqdm(total=len(ids), desc=f"  {name} images", unit="img") as bar:
-            out[name] = build_examples(
+            out[name] = examples_for(
+                config,
                 (data.dataset.load(i) for i in ids),  # one image in memory at a time
                 segmenter,
-                config.env.prompts,
-                per_image=cfg.samples_per_image,
-                input_size=cfg.input_size,
-                seed=cfg.seed,
-                ops=MaskOpsConfig.from_dict(dict(config.mask_ops)),
                 on_image=lambda _i: bar.update(1),
             )
     return out
@@ -180,10 +175,11 @@ def _examples(config: Any, data: _Data, segmenter: Any) -> dict[str, list[Any]]:
 
 def run(args: argparse.Namespace) -> int:
     from models.backends import make_segmenter
-    from models.reward_net import save_checkpoint, train_reward_net
+    from models.reward_net import save_checkpoint
     from models.segmentation import MemoSegmenter
     from orchestrator.config import CONFIG_DIR, config_to_dict, load_config
     from orchestrator.pipeline import backend_spec, write_json
+    from orchestrator.reward_training import fit
 
     started = time.monotonic()
     config = load_config(args.config or CONFIG_DIR / "quick.yaml", _overrides(args))
@@ -206,14 +202,8 @@ def run(args: argparse.Namespace) -> int:
         f"{len(examples['val'])}: {cfg.epochs} epochs at {cfg.input_size} px",
         flush=True,
     )
-    model, report = train_reward_net(
-        examples["train"],
-        examples["val"],
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=cfg.seed,
-        on_epoch=_epoch_printer(cfg.epochs),
+    model, report = fit(
+        config, examples["train"], examples["val"], on_epoch=_epoch_printer(cfg.epochs)
     )
     trained = time.monotonic()
     metadata = {
