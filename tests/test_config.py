@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from models.errors import UserError
-from orchestrator.config import CONFIG_DIR, RunConfig, load_config, parse_config
+from orchestrator.config import CONFIG_DIR, RunConfig, config_to_dict, load_config, parse_config
 
 
 def test_variants_compose_base() -> None:
@@ -81,3 +82,31 @@ def test_extends_and_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(UserError, match="not found; the shipped ones are in"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_base_yaml_states_the_schema_defaults() -> None:
+    """base.yaml spells out the defaults a user is most likely to change; a test keeps every
+    value it names equal to the schema's default, so the two never drift apart."""
+    written = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    defaults = config_to_dict(parse_config({}, source="defaults"))
+
+    def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    base, schema = leaves(written), leaves(defaults)
+    differs = {
+        key: (value, schema.get(key))
+        for key, value in base.items()
+        if key != "extends" and _normal(value) != _normal(schema.get(key))
+    }
+    assert differs == {}
+
+
+def _normal(value: object) -> object:
+    return list(value) if isinstance(value, tuple | list) else value
