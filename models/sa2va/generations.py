@@ -146,7 +146,7 @@ def inspect_folder(folder: Path) -> Checkpoint:
         generation = V2_INTERNVL
     else:
         generation = V1
-    imports, cuda_sites = _scan_code(folder)
+    imports, cuda_sites = _scan_code(folder, [module, *_other_entries(folder, config)])
     return Checkpoint(
         folder, generation, class_name, path.name, "processor" in params or var_kw, imports,
         cuda_sites,
@@ -168,33 +168,52 @@ def _predict_forward_params(path: Path, class_name: str) -> tuple[set[str], bool
     )
 
 
-def _scan_code(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Top-level packages the code imports outside ``try`` blocks, and hard-coded CUDA sites."""
-    local = {p.stem for p in folder.glob("*.py")}
+def _other_entries(folder: Path, config: dict) -> list[str]:
+    """Modules of the config class and of the tokenizer (``tokenizer_config.json``'s auto_map)."""
+    refs = [(config.get("auto_map") or {}).get("AutoConfig")]
+    try:
+        tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+        found = (tokenizer.get("auto_map") or {}).get("AutoTokenizer")
+        refs.extend(found if isinstance(found, list) else [found])
+    except (OSError, ValueError):
+        pass
+    return [r.split("--")[-1].rpartition(".")[0] for r in refs if isinstance(r, str) and "." in r]
+
+
+def _scan_code(folder: Path, entries: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The packages the code imports when ``entries`` (and the folder modules they import at
+    module level) load, and its hard-coded CUDA sites. Imports in ``try`` blocks (``flash_attn``)
+    and inside functions are optional or lazy and not counted; files reached only so neither."""
+    pending, seen = list(entries), set()
     imports: set[str] = set()
     cuda_sites: list[str] = []
-    for path in sorted(folder.glob("*.py")):
+    while pending:
+        module = pending.pop()
+        path = folder / f"{module}.py"
+        if module in seen or not path.is_file():
+            continue
+        seen.add(module)
         source = path.read_text(encoding="utf-8")
-        _collect_imports(ast.parse(source, filename=str(path)), imports)
+        _collect_imports(ast.parse(source, filename=str(path)).body, imports, pending)
         for number, line in enumerate(source.splitlines(), start=1):
             if _CUDA_RE.search(line.split("#", 1)[0]):
                 cuda_sites.append(f"{path.name}:{number}")
+    local = {p.stem for p in folder.glob("*.py")}
     skip = local | set(sys.stdlib_module_names) | {"torch", "transformers", "numpy", "PIL"}
     return tuple(sorted(imports - skip)), tuple(cuda_sites)
 
 
-def _collect_imports(node: ast.AST, found: set[str]) -> None:
-    if isinstance(node, ast.Try):
-        # Guarded imports (flash_attn, ...) are optional by construction.
-        for child in [*node.handlers, *node.orelse, *node.finalbody]:
-            _collect_imports(child, found)
-        return
-    if isinstance(node, ast.Import):
-        found.update(alias.name.split(".")[0] for alias in node.names)
-    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-        found.add(node.module.split(".")[0])
-    for child in ast.iter_child_nodes(node):
-        _collect_imports(child, found)
+def _collect_imports(body: list[ast.stmt], found: set[str], relative: list[str]) -> None:
+    for node in body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.level > 0:
+                relative.extend([node.module] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.If | ast.With | ast.ClassDef):
+            _collect_imports([*node.body, *getattr(node, "orelse", [])], found, relative)
 
 
 def check_environment(checkpoint: Checkpoint, device_type: str) -> None:
