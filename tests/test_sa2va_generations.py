@@ -202,14 +202,19 @@ def test_torchvision_built_for_another_torch_is_explained(monkeypatch: pytest.Mo
     monkeypatch.setattr(builtins, "__import__", broken)
     monkeypatch.setattr(gen.metadata, "version", lambda name: "0.28.0")
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(UserError) as error:
         gen.check_torchvision()
-    assert str(error.value).startswith(
+    assert str(error.value) == (
         "torchvision 0.28.0 is installed but cannot be imported with torch 2.13.0+cpu "
         "(RuntimeError: operator torchvision::nms does not exist). torchvision must be built "
-        "for the same torch: install torchvision 0.28.* from the same index as torch"
+        "for the same torch (torch 2.13 -> torchvision 0.28.*). This torch is a CPU-only build "
+        'and PyPI\'s torchvision wheels are CUDA builds: `pip install "torchvision==0.28.*" '
+        "--index-url https://download.pytorch.org/whl/cpu`."
     )
-    assert "--index-url https://download.pytorch.org/whl/cpu" in str(error.value)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(UserError, match="from the index your torch came from"):
+        gen.check_torchvision()
 
 
 # --- devices and dtypes -------------------------------------------------------------------------

@@ -300,12 +300,17 @@ def check_torchvision() -> None:
 
         torch_version = torch.__version__.split("+")[0]
         major, minor = (int(part) for part in torch_version.split(".")[:2])
-        match = f"0.{minor + 15}" if major == 2 else "<the matching release>"
+        match = f"0.{minor + 15}.*" if major == 2 else "<the matching release>"
+        if torch.version.cuda is None:
+            fix = (
+                "This torch is a CPU-only build and PyPI's torchvision wheels are CUDA builds: "
+                f'`pip install "torchvision=={match}" --index-url '
+                "https://download.pytorch.org/whl/cpu`."
+            )
+        else:
+            fix = f'`pip install "torchvision=={match}"` from the index your torch came from.'
         raise UserError(
             f"torchvision {metadata.version('torchvision')} is installed but cannot be imported "
             f"with torch {torch.__version__} ({type(exc).__name__}: {exc}). torchvision must be "
-            f"built for the same torch: install torchvision {match}.* from the same index as "
-            f"torch, e.g. `pip install torch=={torch_version} torchvision=={match}.*` for PyPI's "
-            f"CUDA builds, or add `--index-url https://download.pytorch.org/whl/cpu` for a "
-            "CPU-only torch."
+            f"built for the same torch (torch {major}.{minor} -> torchvision {match}). {fix}"
         ) from exc
