@@ -78,6 +78,10 @@ class BackendConfig(_Section):
     model whose code does not hard-code CUDA."""
     allow_unpinned_remote_code: bool = False
     """Allow trust_remote_code from a hub id without a pinned revision (unsafe)."""
+    runtime_env: dict[str, Any] | None = None
+    """Sa2VA: a Ray runtime_env of the segmentation workers' own, e.g.
+    ``{pip: ["transformers==4.51.3"]}`` for a v1 checkpoint; the workers then check the model
+    against their environment, the driver only the source and device."""
 
 
 class GpuConfig(_Section):

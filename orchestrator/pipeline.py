@@ -199,7 +199,10 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
         from models.sa2va import preflight
 
         try:
-            preflight(**{**options, "device": options["device"] if local else None})
+            preflight(
+                **{**options, "device": options["device"] if local else None},
+                environment=config.backend.runtime_env is None,
+            )
         except UserError as err:
             raise UserError(
                 f"{err} (Run config keys: backend.model_path or --model-path, backend.revision, "
@@ -308,14 +311,17 @@ def start_segmentation_workers(config: RunConfig, plan: Any) -> list[str]:
     from orchestrator.segmentation_worker import BackendSpec
 
     name, backend_options = backend_spec(config)
+    runtime_env = config.backend.runtime_env
+    options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:
-        placements = [WorkerPlacement() for _ in range(config.workers.cpu_workers)]
+        placements = [WorkerPlacement(options=options) for _ in range(config.workers.cpu_workers)]
     else:
         placements = [
             WorkerPlacement(
                 num_gpus=1,
                 input_cap=slot.input_cap,
                 resources={gb.WORKER_SLOT_RESOURCE: 1.0},
+                options=options,
             )
             for slot in plan.workers
         ]

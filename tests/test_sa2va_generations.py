@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,8 +89,10 @@ def test_v1_is_refused_with_generation_version_range_and_command(folders: dict[s
         "in modeling_sa2va_chat.py) needs transformers >=4.49,<4.52; this environment has "
         f"transformers {INSTALLED} (outside that range). Run `pip install "
         '"transformers==4.51.3"`. sa2va-rl pins transformers>=4.57,<5 for the current (v2) '
-        "checkpoints, so run a v1 checkpoint from a virtualenv of its own where you install "
-        "that transformers after sa2va-rl, or use a v2 checkpoint (ByteDance/Sa2VA-*)."
+        "checkpoints, so give the segmentation workers an environment of their own (run "
+        'config: backend.runtime_env: {pip: ["transformers==4.51.3"]}), or run from a '
+        "virtualenv where you install that transformers after sa2va-rl, or use a v2 checkpoint "
+        "(ByteDance/Sa2VA-*)."
     )
 
 
@@ -382,3 +385,43 @@ def test_run_refuses_auto_without_cuda_unless_joining_a_cluster(
     # The driver of a cluster run may sit on a node without GPUs: the workers check the device.
     pipeline.check_model_source(config, local=False)
     pipeline.check_model_source(run_config(folders["v2"], tmp_path, device="cpu"))
+
+
+# --- the workers' own runtime_env ---------------------------------------------------------------
+def test_with_a_runtime_env_the_driver_leaves_the_environment_to_the_workers(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    runtime_env = {"pip": ["transformers==4.51.3"]}
+    config = run_config(folders["v1"], tmp_path, device="cpu", runtime_env=runtime_env)
+    pipeline.check_model_source(config)  # the v1 code is read, its transformers not checked here
+    assert preflight(folders["v1"], device="cpu", environment=False).generation is V1  # type: ignore[union-attr]
+    # A folder that is no Sa2VA checkpoint is still refused on the driver.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"has no auto_map\.AutoModel"):
+        pipeline.check_model_source(
+            run_config(tmp_path / "other", tmp_path, device="cpu", runtime_env=runtime_env)
+        )
+
+
+@pytest.mark.slow
+def test_segmentation_workers_run_in_the_backend_runtime_env(tmp_path: Path) -> None:
+    from orchestrator.segmentation_client import NAMESPACE, shutdown_workers
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({
+        "extends": str(ROOT / "tune_configs/smoke.yaml"),
+        "backend": {"name": "frangi", "runtime_env": {"env_vars": {"SA2VA_RL_PROBE": "own"}}},
+        "workers": {"cache_dir": str(tmp_path / "cache"), "cpu_workers": 1},
+    }))  # fmt: skip
+    config = load_config(str(path))
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        names = pipeline.start_segmentation_workers(config, None)
+        worker = ray.get_actor(names[0], namespace=NAMESPACE)
+        probe = worker.__ray_call__.remote(lambda self: os.environ.get("SA2VA_RL_PROBE"))
+        assert ray.get(probe) == "own"
+        assert "SA2VA_RL_PROBE" not in os.environ  # only the workers' environment has it
+        shutdown_workers(names)
+    finally:
+        ray.shutdown()

@@ -85,9 +85,10 @@ V1 = Generation(
     ">=4.49,<4.52",
     'pip install "transformers==4.51.3"',
     advice=(
-        " sa2va-rl pins transformers>=4.57,<5 for the current (v2) checkpoints, so run a v1 "
-        "checkpoint from a virtualenv of its own where you install that transformers after "
-        "sa2va-rl, or use a v2 checkpoint (ByteDance/Sa2VA-*)."
+        " sa2va-rl pins transformers>=4.57,<5 for the current (v2) checkpoints, so give the "
+        "segmentation workers an environment of their own (run config: backend.runtime_env: "
+        '{pip: ["transformers==4.51.3"]}), or run from a virtualenv where you install that '
+        "transformers after sa2va-rl, or use a v2 checkpoint (ByteDance/Sa2VA-*)."
     ),
 )
 

@@ -24,19 +24,24 @@ def preflight(
     revision: str | None = None,
     allow_unpinned_remote_code: bool = False,
     device: str | None = "auto",
+    environment: bool = True,
 ) -> gen.Checkpoint | None:
     """Everything that can be refused before a worker starts, without loading weights.
 
     Checks the source rules (:class:`ModelSource`), the device (``None`` skips it: on a cluster
     the driver's node may have no GPU), and for a local folder its remote-code generation against
     the installed transformers, the packages its code imports, and CUDA-only code on the CPU.
-    Returns what the folder's code was read as (``None`` for a Hub id, read after download).
+    ``environment=False`` (the workers run in a Ray runtime_env of their own) reads the folder
+    but leaves transformers and the packages to the workers' own check. Returns what the folder's
+    code was read as (``None`` for a Hub id, read after download).
 
     Raises:
         UserError: naming the generation, the transformers version and range, and the command.
     """
     source = ModelSource.resolve(model_path, revision, allow_unpinned_remote_code)
     device_type = resolve_device(device).type if device is not None else "cuda"
+    if not environment:
+        return gen.inspect_folder(Path(source.location)) if source.is_local else None
     return check_source(source, device_type)
 
 
