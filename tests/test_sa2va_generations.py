@@ -57,6 +57,17 @@ def test_generation_is_read_from_the_folder(folders: dict[str, Path]) -> None:
     assert found["v1"].where == "Sa2VAChatModel in modeling_sa2va_chat.py"
 
 
+def test_only_the_v1_fixture_config_needs_arguments() -> None:
+    from tiny_sa2va.configuration_sa2va_chat import Sa2VAChatConfig
+    from tiny_sa2va.configuration_sa2va_chat_qwen import Sa2VAChatConfigQwen
+    from tiny_sa2va.configuration_sa2va_chat_v1 import Sa2VAChatConfig as V1Config
+
+    assert Sa2VAChatConfig().llm_config == {"architectures": ["TinyLM"]}
+    assert Sa2VAChatConfigQwen().llm_config == {"architectures": ["TinyQwenLM"]}
+    with pytest.raises(KeyError, match="architectures"):
+        V1Config()
+
+
 def test_installed_transformers_is_the_range_setup_cfg_pins() -> None:
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
