@@ -73,9 +73,15 @@ class BackendConfig(_Section):
     model_size: Literal["1B", "4B", "8B", "26B"] = "4B"
     """Sa2VA size, for the GPU memory plan (weights footprint)."""
     device: str = "auto"
-    """auto, cpu, cuda or cuda:N."""
+    """Sa2VA: auto or cuda (the current CUDA GPU), cuda:N, or cpu. Sa2VA needs CUDA: auto never
+    falls back to the CPU; cpu must be asked for explicitly and is slow, for debugging with a
+    model whose code does not hard-code CUDA."""
     allow_unpinned_remote_code: bool = False
     """Allow trust_remote_code from a hub id without a pinned revision (unsafe)."""
+    runtime_env: dict[str, Any] | None = None
+    """Sa2VA: a Ray runtime_env of the segmentation workers' own, e.g.
+    ``{pip: ["transformers==4.51.3"]}`` for a v1 checkpoint; the workers then check the model
+    against their environment, the driver only the source and device."""
 
 
 class GpuConfig(_Section):

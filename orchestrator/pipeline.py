@@ -104,7 +104,7 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
                     f"this run started with ({paths.config}); resume without --config, or start "
                     "a new run with another --output"
                 )
-        check_model_source(saved)
+        check_model_source(saved, local=options.address is None)
         return saved
     if options.resume:
         raise UserError(
@@ -113,7 +113,8 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
         )
     config_path = options.config or str(Path(__file__).parent.parent / "tune_configs/quick.yaml")
     config = load_config(config_path, options.overrides())
-    check_model_source(config)  # before the run directory exists: a fixed re-run may reuse it
+    # Before the run directory exists: a fixed re-run may reuse it.
+    check_model_source(config, local=options.address is None)
     if paths.root.exists() and any(paths.root.iterdir()):
         if not paths.is_attempt_before_tune():
             raise UserError(
@@ -147,23 +148,25 @@ def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
     }
 
 
-def check_model_source(config: RunConfig) -> None:
-    """Refuse, before Ray starts, a Sa2VA source the workers would refuse: no model, a missing
-    folder, or a Hub id whose remote code is not pinned to a commit (unless the config allows
-    it). Otherwise the user would wait for workers that never become ready. On a cluster the
-    folder must exist at the same path on the driver's node as on the GPU nodes."""
+def check_model_source(config: RunConfig, local: bool = True) -> None:
+    """Refuse, before Ray starts, a Sa2VA setup the workers would refuse (``models.sa2va.
+    preflight``): no model, a missing folder, an unpinned Hub id, remote code this environment
+    cannot load, or no CUDA. ``local=False`` (joining a cluster) skips the device check: the
+    driver's node may have no GPU. On a cluster the folder must exist at the same path on the
+    driver's node as on the GPU nodes."""
     name, options = backend_spec(config)
     if name == "sa2va":
-        from models.sa2va import ModelSource
+        from models.sa2va import preflight
 
         try:
-            ModelSource.resolve(
-                options["model_path"], options["revision"], options["allow_unpinned_remote_code"]
+            preflight(
+                **{**options, "device": options["device"] if local else None},
+                environment=config.backend.runtime_env is None,
             )
         except UserError as err:
             raise UserError(
                 f"{err} (Run config keys: backend.model_path or --model-path, backend.revision, "
-                "backend.allow_unpinned_remote_code.)"
+                "backend.device, backend.allow_unpinned_remote_code.)"
             ) from None
 
 
@@ -268,14 +271,17 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
     from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
+    runtime_env = config.backend.runtime_env
+    options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:
-        placements = [WorkerPlacement() for _ in range(config.workers.cpu_workers)]
+        placements = [WorkerPlacement(options=options) for _ in range(config.workers.cpu_workers)]
     else:
         placements = [
             WorkerPlacement(
                 num_gpus=1,
                 input_cap=slot.input_cap,
                 resources={gb.WORKER_SLOT_RESOURCE: 1.0},
+                options=options,
             )
             for slot in plan.workers
         ]

@@ -87,7 +87,7 @@ def sa2va_run(
     """``sa2va-rl run`` of the smoke config with the tiny Sa2VA model, joining the cluster."""
     local, _dashboard, _nodes = cluster
     base = tmp_path_factory.mktemp("multinode")
-    model = write_tiny_sa2va(base / "tiny_sa2va")
+    model = write_tiny_sa2va(base / "tiny_sa2va_v2")
     config = base / "smoke-sa2va-cpu.yaml"
     config.write_text(
         yaml.safe_dump({"extends": str(CONFIG_DIR / "smoke.yaml"), "backend": {"device": "cpu"}})

@@ -170,8 +170,10 @@ def test_pinned_local_or_explicitly_allowed_sources_pass(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     if backend.get("model_path") == "TINY":
-        backend = {"model_path": str(write_tiny_sa2va(tmp_path / "tiny_sa2va"))}
-    pipeline.check_model_source(write_config(tmp_path, {"name": "sa2va", **backend}))
+        backend = {"model_path": str(write_tiny_sa2va(tmp_path / "tiny_sa2va_v2"))}
+    # device cpu: this test is about the source; the device rules are in test_sa2va_generations.
+    config = write_config(tmp_path, {"name": "sa2va", "device": "cpu", **backend})
+    pipeline.check_model_source(config)
 
 
 def write_config(folder: Path, backend: dict[str, Any]) -> Any:

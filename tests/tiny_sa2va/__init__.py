@@ -1,73 +1,156 @@
-"""Writes a tiny Sa2VA-like model folder (remote code, safetensors weights, custom tokenizer).
+"""Writes tiny Sa2VA-like model folders (remote code, safetensors weights, custom tokenizer).
 
-The folder has the layout of a downloaded Sa2VA checkpoint, so ``Sa2VASegmenter`` loads it through
-the same ``AutoModel/AutoTokenizer.from_pretrained(..., trust_remote_code=True)`` path as the real
-model, offline and in well under a second.
+Three variants with the structure of the real remote code (see each file's docstring):
+
+- ``"v2"``: bytedance/Sa2VA InternVL-style ``Sa2VAChatModel`` (the current checkpoints);
+- ``"qwen"``: bytedance/Sa2VA Qwen-VL-style ``Sa2VAChatModelQwen`` (asserts a processor);
+- ``"v1"``: magic-research/Sa2VA ``Sa2VAChatModel`` (config needs arguments, no ``processor``).
+
+A folder has the layout of a downloaded checkpoint, so ``Sa2VASegmenter`` loads it through the
+same ``AutoModel/AutoTokenizer.from_pretrained(..., trust_remote_code=True)`` path, offline and
+in about a second. Give each variant its own folder name: transformers caches remote code by the
+folder's name.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import itertools
 import json
 import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from .configuration_tiny_sa2va import TinySa2VAConfig
-from .modeling_tiny_sa2va import TinySa2VAModel
+from safetensors.torch import save_file
 
 SOURCE_DIR = Path(__file__).parent
-REMOTE_CODE_FILES = (
-    "configuration_tiny_sa2va.py",
-    "modeling_tiny_sa2va.py",
-    "tokenization_tiny_sa2va.py",
-)
+# Per variant: (model class, config class, files copied as {name in folder: source file}).
+VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "v2": (
+        "modeling_sa2va_chat.Sa2VAChatModel",
+        "configuration_sa2va_chat.Sa2VAChatConfig",
+        {
+            "configuration_sa2va_chat.py": "configuration_sa2va_chat.py",
+            "modeling_sa2va_chat.py": "modeling_sa2va_chat.py",
+        },
+    ),
+    "qwen": (
+        "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+        "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+        {
+            "configuration_sa2va_chat.py": "configuration_sa2va_chat_qwen.py",
+            "modeling_sa2va_qwen.py": "modeling_sa2va_qwen.py",
+        },
+    ),
+    "v1": (
+        "modeling_sa2va_chat.Sa2VAChatModel",
+        "configuration_sa2va_chat.Sa2VAChatConfig",
+        {
+            "configuration_sa2va_chat.py": "configuration_sa2va_chat_v1.py",
+            "modeling_sa2va_chat.py": "modeling_sa2va_chat_v1.py",
+        },
+    ),
+}
+SHARED_FILES = ("sam2.py", "tiny_lm.py", "tokenization_tiny_sa2va.py")
 VOCAB = (
     "<unk>", "</s>", "<image>", "[SEG]", "please", "segment", "the", "blood", "vessel",
     "vessels", "all", "including", "small", "branches", "thin", "main", "coronary", "arteries",
-    "describe", "image", "with", "and", "only", "large", ".", ",",
+    "describe", "image", "with", "and", "only", "large", "both", "sure", "it", "is", "an",
+    "angiogram", ".", ",",
 )  # fmt: skip
+# Candidate weights of the IoU head: the unshifted candidate (index 1) has the largest IoU.
+IOU_WEIGHTS = (0.3, 1.0, 0.6)
 
 
 def write_tiny_sa2va(
-    folder: Path, *, darkness_gain: float = 10.0, extra_code: str = "", **config: Any
+    folder: Path,
+    *,
+    variant: str = "v2",
+    darkness_gain: float = 10.0,
+    extra_code: str = "",
+    **config: Any,
 ) -> Path:
-    """Write the model folder into ``folder`` and return it.
+    """Write a model folder into ``folder`` and return it.
 
     Args:
         folder: target directory (created if missing).
+        variant: ``"v2"``, ``"qwen"`` or ``"v1"`` (module doc).
         darkness_gain: logit = gain * (0.5 - local brightness) before the prompt bias, so pixels
             darker than mid-grey are segmented; another gain gives other weights and outputs.
         extra_code: source lines prepended to the modeling file (e.g. an import of a missing
-            package, to simulate a checkpoint whose remote code needs an uninstalled extra).
-        config: overrides of ``TinySa2VAConfig`` fields (``no_seg_word``, ``grounding_attr``,
-            ``post_capture_bias``, ``sam_size``).
+            package, to simulate remote code that needs an uninstalled package).
+        config: overrides of the config fields (``no_seg_word``, ``two_seg_word``,
+            ``grounding_attr``, ``post_capture_bias``, ``sam_size``).
     """
+    model_ref, config_ref, files = VARIANTS[variant]
     folder.mkdir(parents=True, exist_ok=True)
-    model_config = TinySa2VAConfig(vocab_size=len(VOCAB), **config)
-    model_config.auto_map = {
-        "AutoConfig": "configuration_tiny_sa2va.TinySa2VAConfig",
-        "AutoModel": "modeling_tiny_sa2va.TinySa2VAModel",
-    }
-    model = TinySa2VAModel(model_config)
+    for name, source in {**files, **{f: f for f in SHARED_FILES}}.items():
+        shutil.copyfile(SOURCE_DIR / source, folder / name)
+    fields = {"llm_config": {"architectures": ["TinyLM"]}, "vocab_size": len(VOCAB), **config}
+    with _code_of(folder) as load:
+        model_config = load(config_ref)(**fields)
+        model = load(model_ref)(model_config)
     _set_weights(model, darkness_gain)
-    model.save_pretrained(folder)
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(SOURCE_DIR / name, folder / name)
+    save_file(model.state_dict(), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Written by hand: a v1 config cannot be serialised by transformers >= 4.52 (to_diff_dict
+    # builds the class without arguments).
+    payload = {
+        "architectures": [model_ref.rpartition(".")[2]],
+        "auto_map": {"AutoConfig": config_ref, "AutoModel": model_ref},
+        "model_type": "sa2va_chat",
+        "torch_dtype": "float32",
+        **{k: v for k, v in vars(model_config).items() if k in _FIELDS},
+    }
+    (folder / "config.json").write_text(json.dumps(payload, indent=2))
     if extra_code:
-        modeling = folder / "modeling_tiny_sa2va.py"
+        modeling = folder / f"{model_ref.rpartition('.')[0]}.py"
         modeling.write_text(extra_code + "\n" + modeling.read_text())
     _write_tokenizer(folder)
     return folder
 
 
-def _set_weights(model: TinySa2VAModel, darkness_gain: float) -> None:
+_FIELDS = (
+    "llm_config", "sam_size", "embed_dim", "vocab_size", "no_seg_word", "two_seg_word",
+    "grounding_attr", "post_capture_bias",
+)  # fmt: skip
+
+
+@contextmanager
+def _code_of(folder: Path) -> Iterator[Callable[[str], Any]]:
+    """Import ``module.Class`` references from the folder's own code files (as one package, so
+    their relative imports resolve as in the checkpoint); forgotten afterwards."""
+    package = f"_tiny_sa2va_code_{next(_PACKAGES)}"
+    spec = importlib.util.spec_from_loader(package, loader=None, is_package=True)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    module.__path__ = [str(folder)]
+    sys.modules[package] = module
+    try:
+        yield lambda ref: getattr(
+            importlib.import_module(f"{package}.{ref.rpartition('.')[0]}"), ref.rpartition(".")[2]
+        )
+    finally:
+        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+            del sys.modules[name]
+
+
+_PACKAGES = itertools.count()
+
+
+def _set_weights(model: torch.nn.Module, darkness_gain: float) -> None:
     grounding = getattr(model, model.config.grounding_attr)
-    conv = grounding.sam2_model.sam_mask_decoder.conv
+    decoder = grounding.sam2_model.sam_mask_decoder
     with torch.no_grad():
-        conv.weight.fill_(-darkness_gain / conv.weight.numel())
-        conv.bias.fill_(darkness_gain / 2)
+        per_channel = decoder.conv.weight[0].numel()
+        decoder.conv.weight.fill_(-darkness_gain / per_channel)
+        decoder.conv.bias.fill_(darkness_gain / 2)
+        decoder.iou_prediction_head.weight.copy_(torch.diag(torch.tensor(IOU_WEIGHTS)))
+        decoder.iou_prediction_head.bias.zero_()
         vocab, dim = model.embed_tokens.weight.shape
         model.embed_tokens.weight.copy_(torch.linspace(-1.0, 1.0, vocab * dim).reshape(vocab, dim))
         model.text_hidden_fcs.weight.fill_(0.1)
