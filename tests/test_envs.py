@@ -17,10 +17,11 @@ from envs.sample import Sample
 from envs.sources import load_samples
 from models.errors import UserError
 from models.metrics import dice
+from models.prompts import DEFAULT_PROMPT
 from models.reward_net import RewardNet, RewardScorer
 from models.segmentation import Segmentation
 
-PROMPTS = ("segment the blood vessel", "segment thin vessels", "segment everything dark")
+PROMPTS = (DEFAULT_PROMPT, "segment thin vessels", "segment everything dark")
 THRESHOLDS = {PROMPTS[0]: 100, PROMPTS[1]: 140, PROMPTS[2]: 200}
 
 
