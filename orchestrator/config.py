@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.errors import UserError
-from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
+from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, DEFAULT_PROMPT_SET, PROMPT_SETS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
 Experiment = Literal["prompt", "postprocess", "reward"]
@@ -106,12 +106,36 @@ class WorkersConfig(_Section):
 class EnvConfig(_Section):
     max_steps: int = Field(3, ge=1, le=50)
     """Steps per episode (one image per episode)."""
+    prompt_set: Literal["seeds", "clinical"] = DEFAULT_PROMPT_SET
+    """Named candidate list: seeds (the original team's 11 prompts, verbatim) or clinical (the
+    project's earlier list). Fills ``prompts`` when that is not given."""
     prompts: tuple[str, ...] = CANDIDATE_PROMPTS
-    """Candidate prompts the prompt policies choose from."""
+    """Candidate prompts the prompt policies choose from (default: the ``prompt_set``'s)."""
     default_prompt: str = DEFAULT_PROMPT
-    """Prompt of the baseline; episodes of the prompt envs start from its mask."""
+    """Prompt of the baseline; episodes of the prompt envs start from its mask (default: the
+    first of ``prompts``)."""
     recall_weight: float = Field(0.0, ge=0, le=1)
     """Objective = (1 - w) * Dice + w * Recall for the ground-truth rewards."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompts_from_set(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        name = values.get("prompt_set", DEFAULT_PROMPT_SET)
+        if name not in PROMPT_SETS:
+            return values  # the Literal check names the allowed sets
+        named = PROMPT_SETS[name]
+        if "prompts" not in values:
+            values["prompts"] = named
+        elif "prompt_set" in values and tuple(values["prompts"] or ()) != named:
+            raise ValueError(
+                f"give either prompt_set ({name!r}) or your own prompts list, not both"
+            )
+        if "default_prompt" not in values and values["prompts"]:
+            values["default_prompt"] = values["prompts"][0]
+        return values
 
     @model_validator(mode="after")
     def _default_prompt_is_a_candidate(self) -> EnvConfig:

@@ -110,3 +110,20 @@ def test_base_yaml_states_the_schema_defaults() -> None:
 
 def _normal(value: object) -> object:
     return list(value) if isinstance(value, tuple | list) else value
+
+
+def test_prompt_set_fills_prompts_and_default() -> None:
+    from models.prompts import PROMPT_SETS
+
+    seeds = parse_config({}, source="t")
+    assert seeds.env.prompts == PROMPT_SETS["seeds"]
+    assert seeds.env.default_prompt == "Please segment the blood vessel."
+    clinical = parse_config({"env": {"prompt_set": "clinical"}}, source="t")
+    assert clinical.env.prompts == PROMPT_SETS["clinical"]
+    assert clinical.env.default_prompt == PROMPT_SETS["clinical"][0]
+    # A resolved config (as saved in config.yaml) parses back to itself.
+    assert parse_config(config_to_dict(clinical), source="t") == clinical
+    own = parse_config({"env": {"prompts": ["segment a", "segment b"]}}, source="t")
+    assert own.env.default_prompt == "segment a"
+    with pytest.raises(UserError, match=r"give either prompt_set \('clinical'\) or your own"):
+        parse_config({"env": {"prompt_set": "clinical", "prompts": ["a", "b"]}}, source="t")
