@@ -26,7 +26,10 @@ COPY --chown=ray:users orchestrator ./orchestrator
 COPY --chown=ray:users envs ./envs
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users tune_configs ./tune_configs
-RUN pip install --no-cache-dir -e ".[sa2va]" "tensorboard>=2.16"
+# torch and torchvision first, as one matched pair (PyPI's Linux builds are the CUDA ones the
+# GPU image needs): the sa2va extra then never picks another torch for its torchvision.
+RUN pip install --no-cache-dir "torch==2.13.0" "torchvision==0.28.0" \
+    && pip install --no-cache-dir -e ".[sa2va]" "tensorboard>=2.16"
 
 # Token authentication for every Ray process in this image (head, workers, job drivers, the
 # `ray` CLI): Ray reads the token from RAY_AUTH_TOKEN_PATH, a file docker-compose.yml mounts
