@@ -129,7 +129,9 @@ class EnvConfig(_Section):
         named = PROMPT_SETS[name]
         if "prompts" not in values:
             values["prompts"] = named
-        elif "prompt_set" in values and tuple(values["prompts"] or ()) != named:
+        elif name != DEFAULT_PROMPT_SET and tuple(values["prompts"] or ()) != named:
+            # The default set stays in a saved config beside a user's own list: only another
+            # named set contradicts it.
             raise ValueError(
                 f"give either prompt_set ({name!r}) or your own prompts list, not both"
             )

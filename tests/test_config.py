@@ -125,5 +125,6 @@ def test_prompt_set_fills_prompts_and_default() -> None:
     assert parse_config(config_to_dict(clinical), source="t") == clinical
     own = parse_config({"env": {"prompts": ["segment a", "segment b"]}}, source="t")
     assert own.env.default_prompt == "segment a"
+    assert parse_config(config_to_dict(own), source="t") == own
     with pytest.raises(UserError, match=r"give either prompt_set \('clinical'\) or your own"):
         parse_config({"env": {"prompt_set": "clinical", "prompts": ["a", "b"]}}, source="t")
