@@ -106,7 +106,7 @@ class WorkersConfig(_Section):
 class EnvConfig(_Section):
     max_steps: int = Field(3, ge=1, le=50)
     """Steps per episode (one image per episode)."""
-    prompt_set: Literal["seeds", "clinical"] = DEFAULT_PROMPT_SET
+    prompt_set: Literal["seeds", "clinical"] = "seeds"
     """Named candidate list: seeds (the original team's 11 prompts, verbatim) or clinical (the
     project's earlier list). Fills ``prompts`` when that is not given."""
     prompts: tuple[str, ...] = CANDIDATE_PROMPTS

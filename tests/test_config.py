@@ -128,3 +128,14 @@ def test_prompt_set_fills_prompts_and_default() -> None:
     assert parse_config(config_to_dict(own), source="t") == own
     with pytest.raises(UserError, match=r"give either prompt_set \('clinical'\) or your own"):
         parse_config({"env": {"prompt_set": "clinical", "prompts": ["a", "b"]}}, source="t")
+
+
+def test_prompt_set_choices_are_the_named_sets() -> None:
+    from typing import get_args
+
+    from models.prompts import DEFAULT_PROMPT_SET, PROMPT_SETS
+    from orchestrator.config import EnvConfig
+
+    field = EnvConfig.model_fields["prompt_set"]
+    assert set(get_args(field.annotation)) == set(PROMPT_SETS)
+    assert field.default == DEFAULT_PROMPT_SET
