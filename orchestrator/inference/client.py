@@ -127,7 +127,7 @@ class SegmentationClient:
                 results[prompt] = memo
         missing = list(dict.fromkeys(p for p in prompts if p not in results))
         if missing:
-            worker = self._route(digest)
+            worker = self.route(digest)
             # Ask by digest first: a cached answer then costs no image transfer; only what is
             # not cached travels with the image (one more round trip, next to a forward pass).
             hw = (int(image.shape[0]), int(image.shape[1]))
@@ -155,7 +155,8 @@ class SegmentationClient:
             }
         return {"total": aggregate_stats(per_worker), "workers": per_worker, "client": client}
 
-    def _route(self, digest: str) -> int:
+    def route(self, digest: str) -> int:
+        """Index of the worker that serves the image of ``digest`` (``image_digest``)."""
         return int(digest[:16], 16) % len(self.worker_names)
 
     def _memo_get(self, key: tuple[str, str]) -> Segmentation | None:
@@ -183,20 +184,26 @@ class SegmentationClient:
         attempts = 0
         while True:
             attempts += 1
-            handle = self._handle(index)
+            handle = self.handle(index)
             try:
                 return ray.get(getattr(handle, method).remote(*args))
             except RayActorError as err:  # includes ActorDiedError and ActorUnavailableError
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(index, attempts, err) from err
                 log.warning("%s unavailable (%s); retrying", self.worker_names[index], err)
-                with self._lock:
-                    self._retries += 1
-                    self._handles.pop(index, None)
+                self.forget_handle(index)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _handle(self, index: int) -> Any:
+    def forget_handle(self, index: int) -> None:
+        """Count a retry and drop worker ``index``'s handle: the next :meth:`handle` looks the
+        worker up again (after a restart, by name)."""
+        with self._lock:
+            self._retries += 1
+            self._handles.pop(index, None)
+
+    def handle(self, index: int) -> Any:
+        """Worker ``index``'s Ray actor handle (resolved by name once per process)."""
         with self._lock:
             handle = self._handles.get(index)
         if handle is not None:

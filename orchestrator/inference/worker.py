@@ -155,13 +155,38 @@ class SegmentationWorker:
         return self.segment_prompts(image, [prompt])[0]
 
     def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
-        """The segmentations of one image for several prompts, in order (one transfer)."""
+        """The segmentations of one image for several prompts, in order (one transfer).
+
+        The prompts not cached are computed back to back under one hold of the model lock, so
+        a backend that shares work between the prompts of one image (Frangi's filter
+        responses) keeps it while other requests wait; their disk writes happen after the lock
+        is released, overlapping the next request's forward passes."""
         check_image(image)
         self._stats.request_started()
+        staged: list[CacheKey] = []
         try:
             digest = image_digest(image)
-            return [self._segment_one(image, digest, str(prompt)) for prompt in prompts]
+            hw = (int(image.shape[0]), int(image.shape[1]))
+            wanted = [str(prompt) for prompt in prompts]
+            self._stats.count("requests", len(wanted))
+            found = {p: self._lookup(digest, p, hw) for p in dict.fromkeys(wanted)}
+            results = {p: hit.segmentation for p, hit in found.items() if hit is not None}
+            missing = [p for p, hit in found.items() if hit is None]
+            if missing:
+                with self._model_lock:
+                    for prompt in missing:
+                        results[prompt] = self._compute(image, digest, prompt, hw, staged)
+            # A prompt asked again within the request is a memory hit, counted as one, so that
+            # requests == forward passes + hits holds per prompt asked.
+            seen: set[str] = set()
+            for prompt in wanted:
+                if prompt in seen:
+                    self._lookup(digest, prompt, hw)
+                seen.add(prompt)
+            return [results[p] for p in wanted]
         finally:
+            for key in staged:
+                self._cache.flush(key)
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
 
@@ -195,26 +220,31 @@ class SegmentationWorker:
         )
         return snap
 
-    def _segment_one(self, image: np.ndarray, digest: str, prompt: str) -> Segmentation:
-        self._stats.count("requests")
-        hw = (int(image.shape[0]), int(image.shape[1]))
+    def _compute(
+        self,
+        image: np.ndarray,
+        digest: str,
+        prompt: str,
+        hw: tuple[int, int],
+        staged: list[CacheKey],
+    ) -> Segmentation:
+        """One pair under the model lock: cached meanwhile, or a forward pass whose result is
+        staged in the cache (``staged`` collects the keys to flush once the lock is free)."""
+        # Another request may have computed this pair while we waited for the lock.
         hit = self._lookup(digest, prompt, hw)
         if hit is not None:
             return hit.segmentation
-        with self._model_lock:
-            # Another request may have computed this pair while we waited for the lock.
-            hit = self._lookup(digest, prompt, hw)
-            if hit is not None:
-                return hit.segmentation
-            try:
-                seg = self._run_model(image, prompt)
-            except Exception:
-                # Raised to this request's caller (the worker keeps serving); counted here.
-                self._stats.count("model_errors")
-                raise
-            self._served.add((digest, prompt))
-            # Stored under the id of the backend that produced it (its cap may have changed).
-            return self._cache.put(CacheKey(self._backend.backend_id, digest, prompt), seg)
+        try:
+            seg = self._run_model(image, prompt)
+        except Exception:
+            # Raised to this request's caller (the worker keeps serving); counted here.
+            self._stats.count("model_errors")
+            raise
+        self._served.add((digest, prompt))
+        # Stored under the id of the backend that produced it (its cap may have changed).
+        key = CacheKey(self._backend.backend_id, digest, prompt)
+        staged.append(key)
+        return self._cache.stage(key, seg)
 
     def _lookup(self, digest: str, prompt: str, hw: tuple[int, int]) -> CacheHit | None:
         """The configured backend's result first, else one computed after an OOM lowered it."""
