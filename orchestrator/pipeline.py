@@ -294,14 +294,20 @@ def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
 
 
 def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[str]:
-    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers."""
+    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers (call after
+    ``ray.init``: "auto" counts the cluster's CPUs)."""
+    import ray
+
+    from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
     from orchestrator.inference.pool import WorkerPlacement, start_workers
     from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
     if plan is None:
-        placements = [WorkerPlacement() for _ in range(config.workers.cpu_workers)]
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        count = cpu_worker_count(config.workers.cpu_workers, cpus)
+        placements = [WorkerPlacement() for _ in range(count)]
     else:
         placements = [
             WorkerPlacement(
