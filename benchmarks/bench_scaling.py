@@ -86,7 +86,8 @@ def one_pool(args: argparse.Namespace, n: int, cache: Path, sequential: bool) ->
 
 def main() -> None:
     args = parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a new Ray of its own, never a cluster already running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(fakes)
     pairs = args.images * len(PROMPTS)
     latency = args.latency_ms / 1000.0
