@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from models.errors import UserError
-from orchestrator.config import CONFIG_DIR, RunConfig, load_config, parse_config
+from orchestrator.config import CONFIG_DIR, RunConfig, config_to_dict, load_config, parse_config
 
 
 def test_variants_compose_base() -> None:
@@ -99,3 +100,31 @@ def test_cpu_workers_auto_counts_the_cpus() -> None:
     for bad in (0, 65, "all", True):
         with pytest.raises(UserError, match=r"'workers.cpu_workers': use \"auto\" or a whole"):
             parse_config({"workers": {"cpu_workers": bad}})
+
+
+def test_base_yaml_states_the_schema_defaults() -> None:
+    """base.yaml spells out the defaults a user is most likely to change; a test keeps every
+    value it names equal to the schema's default, so the two never drift apart."""
+    written = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    defaults = config_to_dict(parse_config({}, source="defaults"))
+
+    def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    base, schema = leaves(written), leaves(defaults)
+    differs = {
+        key: (value, schema.get(key))
+        for key, value in base.items()
+        if key != "extends" and _normal(value) != _normal(schema.get(key))
+    }
+    assert differs == {}
+
+
+def _normal(value: object) -> object:
+    return list(value) if isinstance(value, tuple | list) else value

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from envs.sources import load_samples
+from envs.sources import load_split
+from models.reward_net import load_checkpoint
 from orchestrator.config import RunConfig
 from orchestrator.evaluation.methods import Policy, best_fixed_prompt, make_evaluator
 from orchestrator.evaluation.per_image import ImageResult, write_rows
@@ -22,14 +23,13 @@ from orchestrator.experiments import (
     COMBINED_OF,
     TrialOutcome,
     build_env,
-    env_kwargs,
     trial,
 )
 from orchestrator.run_dir import BEST_POLICY_FILE, RunPaths
 
 if TYPE_CHECKING:
+    from orchestrator.data import PreparedData
     from orchestrator.inference.client import SegmentationClient
-    from orchestrator.pipeline import PreparedData
 
 
 def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
@@ -54,37 +54,20 @@ def evaluate_run(
     ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`)."""
     from orchestrator.training.ppo import ExportedPolicy
 
-    test = load_samples(
-        prepared.data_dir,
-        split="test",
-        manifest=paths.manifest,
-        max_images=config.data.max_eval_images,
-    )
-    train = load_samples(
-        prepared.data_dir,
-        split="train",
-        manifest=paths.manifest,
-        max_images=config.data.max_train_images,
-    )
+    test = load_split(prepared.ref, "test", config.data.max_eval_images)
+    train = load_split(prepared.ref, "train", config.data.max_train_images)
     examples = paths.examples_dir
     shutil.rmtree(examples, ignore_errors=True)  # a resumed run must not mix in stale masks
     evaluator = make_evaluator(config, test, segmenter, examples_dir=examples)
     policies: dict[str, Policy] = {t: ExportedPolicy.load(p).act for t, p in policy_files.items()}
-    envs = {
-        name: build_env(
-            trial(name),
-            segmenter,
-            env_kwargs(
-                trial(name),
-                config,
-                {"samples": test},
-                reward_net=str(paths.reward_net),
-                backend_id=segmenter.backend_id,
-                manifest_hash=prepared.manifest_hash,
-            ),
+    scorer = None
+    if any(trial(name).needs_reward_net for name in policies):
+        scorer = load_checkpoint(
+            paths.reward_net,
+            backend_id=segmenter.backend_id,
+            manifest_hash=prepared.manifest_hash,
         )
-        for name in policies
-    }
+    envs = {name: build_env(trial(name), config, test, segmenter, scorer) for name in policies}
     fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
     # The baseline goes first: it picks the example images the later methods save masks of.
     steps: list[tuple[str, Callable[[], list[ImageResult]]]] = [

@@ -155,40 +155,10 @@ class SegmentationWorker:
         return self.segment_prompts(image, [prompt])[0]
 
     def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
-        """The segmentations of one image for several prompts, in order (one transfer).
-
-        The prompts not cached are computed back to back under one hold of the model lock, so
-        a backend that shares work between the prompts of one image (Frangi's filter
-        responses) keeps it while other requests wait; their disk writes happen after the lock
-        is released, overlapping the next request's forward passes."""
+        """The segmentations of one image for several prompts, in order (see :meth:`serve`)."""
         check_image(image)
-        self._stats.request_started()
-        staged: list[CacheKey] = []
-        try:
-            digest = image_digest(image)
-            hw = (int(image.shape[0]), int(image.shape[1]))
-            wanted = [str(prompt) for prompt in prompts]
-            self._stats.count("requests", len(wanted))
-            found = {p: self._lookup(digest, p, hw) for p in dict.fromkeys(wanted)}
-            results = {p: hit.segmentation for p, hit in found.items() if hit is not None}
-            missing = [p for p, hit in found.items() if hit is None]
-            if missing:
-                with self._model_lock:
-                    for prompt in missing:
-                        results[prompt] = self._compute(image, digest, prompt, hw, staged)
-            # A prompt asked again within the request is a memory hit, counted as one, so that
-            # requests == forward passes + hits holds per prompt asked.
-            seen: set[str] = set()
-            for prompt in wanted:
-                if prompt in seen:
-                    self._lookup(digest, prompt, hw)
-                seen.add(prompt)
-            return [results[p] for p in wanted]
-        finally:
-            for key in staged:
-                self._cache.flush(key)
-            self._stats.request_finished()
-            self._stats.sync_counts(self._cache.counters())
+        hw = (int(image.shape[0]), int(image.shape[1]))
+        return self.serve(image_digest(image), hw, prompts, image, trust_digest=True)
 
     def lookup(
         self, digest: str, hw: tuple[int, int], prompts: Sequence[str]
@@ -203,6 +173,55 @@ class SegmentationWorker:
             self._stats.count("requests", sum(hit is not None for hit in hits))
             return [None if hit is None else hit.segmentation for hit in hits]
         finally:
+            self._stats.request_finished()
+            self._stats.sync_counts(self._cache.counters())
+
+    def serve(
+        self,
+        digest: str,
+        hw: tuple[int, int],
+        prompts: Sequence[str],
+        image: np.ndarray | Callable[[], np.ndarray],
+        *,
+        trust_digest: bool = False,
+    ) -> list[Segmentation]:
+        """Every prompt's segmentation of the image with ``digest`` and height/width ``hw``, in
+        one call: cached answers by digest, the rest computed from ``image`` (the array, or a
+        callable fetching it, called only on a miss). Unless ``trust_digest`` (the caller holds
+        the same array), a miss re-hashes the pixels first, so a wrong digest can never store
+        an answer under another image's key.
+
+        The prompts not cached are computed back to back under one hold of the model lock, so
+        a backend that shares work between the prompts of one image (Frangi's filter
+        responses) keeps it while other requests wait; their disk writes happen after the lock
+        is released, overlapping the next request's forward passes."""
+        self._stats.request_started()
+        staged: list[CacheKey] = []
+        try:
+            wanted = [str(prompt) for prompt in prompts]
+            self._stats.count("requests", len(wanted))
+            found = {p: self._lookup(digest, p, hw) for p in dict.fromkeys(wanted)}
+            results = {p: hit.segmentation for p, hit in found.items() if hit is not None}
+            missing = [p for p, hit in found.items() if hit is None]
+            if missing:
+                pixels = image() if callable(image) else image
+                check_image(pixels)
+                if not trust_digest and image_digest(pixels) != digest:
+                    raise ValueError(f"{self.name}: the image does not match its digest")
+                with self._model_lock:
+                    for prompt in missing:
+                        results[prompt] = self._compute(pixels, digest, prompt, hw, staged)
+            # A prompt asked again within the request is a memory hit, counted as one, so that
+            # requests == forward passes + hits holds per prompt asked.
+            seen: set[str] = set()
+            for prompt in wanted:
+                if prompt in seen:
+                    self._lookup(digest, prompt, hw)
+                seen.add(prompt)
+            return [results[p] for p in wanted]
+        finally:
+            for key in staged:
+                self._cache.flush(key)
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
 
@@ -228,8 +247,9 @@ class SegmentationWorker:
         hw: tuple[int, int],
         staged: list[CacheKey],
     ) -> Segmentation:
-        """One pair under the model lock: cached meanwhile, or a forward pass whose result is
-        staged in the cache (``staged`` collects the keys to flush once the lock is free)."""
+        """One pair, under the model lock (the caller holds it): cached meanwhile, or a forward
+        pass whose result is staged in the cache (its key added to ``staged``: the caller
+        flushes those to disk once the lock is free)."""
         # Another request may have computed this pair while we waited for the lock.
         hit = self._lookup(digest, prompt, hw)
         if hit is not None:
