@@ -359,6 +359,10 @@ def run(options: RunOptions) -> int:
         with clock.stage("warmup", "cache warm-up"):
             warm_up(client, config, prepared, paths)
         with clock.stage("tune", "Tune: experiments as concurrent trials"):
+            from orchestrator.evaluation.references import start_reference_evaluation
+
+            # The policy-free methods use the cores the trials leave idle (see the module).
+            references = start_reference_evaluation(config, paths, prepared, client)
             grid = tuning.fit(
                 options, config, paths, prepared, workers, client.backend_id, trial_gpu_mb
             )
@@ -366,7 +370,9 @@ def run(options: RunOptions) -> int:
         with clock.stage("evaluate", "evaluation on the test split"):
             from orchestrator.evaluation.stage import best_policy_paths, evaluate_run
 
-            evaluate_run(config, paths, prepared, client, best_policy_paths(trials))
+            evaluate_run(
+                config, paths, prepared, client, best_policy_paths(trials), ray.get(references)
+            )
         with clock.stage("report", "summary and report"):
             from orchestrator.report import summary as report
 
