@@ -377,7 +377,13 @@ def run(options: RunOptions) -> int:
             from orchestrator.report import summary as report
 
             facts = report.build_summary(
-                config, prepared, trials, client.stats(), clock.seconds, started, client.backend_id
+                config,
+                prepared,
+                trials,
+                client.stats(union_pairs=True),
+                clock.seconds,
+                started,
+                client.backend_id,
             )
             write_json(paths.summary, facts)
             # The report is rebuilt from the files just written, exactly as `sa2va-rl report`

@@ -101,9 +101,13 @@ def test_uneven_routing_is_shared_or_kept(tmp_path: Path, pools: list[list[str]]
     assert report.shared >= 2 and report.images_per_worker[1] == report.shared
     assert sum(report.images_per_worker) == 6
     assert len(read_events(tmp_path / "shared.jsonl", "forward")) == 18
-    # The routed worker then serves the other's answers from the shared disk cache.
+    # The routed worker then serves the other's answers from the shared disk cache (the first
+    # image taken is the last of worker 0's queue); both workers count those pairs as served,
+    # the union counts them once.
     client.segment_prompts(images[-1], PROMPTS)
-    assert client.stats()["total"]["forward_passes"] == 18
+    total = client.stats()["total"]
+    assert (total["forward_passes"], total["disk_hits"], total["distinct_pairs"]) == (18, 3, 21)
+    assert client.stats(union_pairs=True)["total"]["distinct_pairs"] == 18
 
     strict = SegmentationClient(_pool(pools, 2, FakeBackendFactory(), tmp_path / "strict"))
     kept = warm_up_pool(strict, images, PROMPTS, share_work=False)

@@ -153,10 +153,14 @@ class SegmentationClient:
                 self._memo_put((digest, prompt), seg)
         return [results[p] for p in prompts]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, union_pairs: bool = False) -> dict[str, Any]:
         """``{"total": ..., "workers": [...], "client": ...}``: summed worker counters (forward
         passes, memory/disk hits, corrupt entries, OOM retries/failures, restarts, queue length,
-        worst p50/p95 latency), each worker's own figures, and this client's memo figures."""
+        worst p50/p95 latency), each worker's own figures, and this client's memo figures.
+
+        ``total["distinct_pairs"]`` sums the workers' counts, which overlap where the warm-up
+        shared work between workers; ``union_pairs`` asks every worker for its pairs and counts
+        their union instead (exact, one larger transfer: for a run's summary)."""
         per_worker = [self._call(i, lambda t: t.stats()) for i in range(len(self.transports))]
         with self._lock:
             client = {
@@ -165,7 +169,13 @@ class SegmentationClient:
                 "memo_entries": len(self._memo),
                 "retries": self._retries,
             }
-        return {"total": aggregate_stats(per_worker), "workers": per_worker, "client": client}
+        total = aggregate_stats(per_worker)
+        if union_pairs:
+            served: set[tuple[str, str]] = set()
+            for i in range(len(self.transports)):
+                served.update(self._call(i, lambda t: t.served_pairs()))
+            total["distinct_pairs"] = len(served)
+        return {"total": total, "workers": per_worker, "client": client}
 
     def route(self, digest: str) -> int:
         """Index of the worker that serves the image of ``digest`` (``image_digest``)."""

@@ -225,6 +225,12 @@ class SegmentationWorker:
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
 
+    def served_pairs(self) -> list[tuple[str, str]]:
+        """The (image digest, prompt) pairs this incarnation has served: a pool's distinct pairs
+        are the union over its workers (the warm-up may have one worker compute an image that
+        another then serves from the disk cache, so the per-worker counts overlap)."""
+        return sorted(self._served)
+
     def stats(self) -> dict[str, Any]:
         """Counters, queue length, latency percentiles, restarts, cap and cache size."""
         self._stats.sync_counts(self._cache.counters())
