@@ -11,7 +11,11 @@ Per request: look the (backend id, image, prompt) key up in the memory LRU, then
 The actor is threaded (``max_concurrency`` > 1) so cache hits never wait behind another trial's
 forward pass, but the lock lets exactly one model call run at a time (Sa2VA's
 ``predict_forward`` mutates model state and cannot batch images). A request that waited for the
-lock looks again first: when two trials ask the same pair at once, the model runs once.
+lock looks again first: when two trials ask the same pair at once, the model runs once. The
+missing prompts of one request (one image) run back to back under one hold of the lock, so
+another request's image cannot come in between (a backend may share work between the prompts of
+one image), and their disk writes happen after the lock is released (the entries are held in
+memory meanwhile, so nobody recomputes them).
 
 CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend's input cap
 (backends expose ``set_input_cap(int)`` or an ``input_cap`` attribute; the longest image side
