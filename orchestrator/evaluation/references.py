@@ -3,7 +3,8 @@
 ``baseline``, ``best_fixed_prompt``, ``oracle_prompt`` and ``oracle_postprocess`` depend only on
 the data, the segmenter and the config, not on any trial. :func:`start_reference_evaluation`
 runs them in a Ray task (reserving no logical CPU, so Tune schedules the trials as before) at
-the lowest priority the trials use (:data:`~orchestrator.training.priority.OFF_CHAIN_NICENESS`):
+the priority of the trials off the reward-net chain
+(:func:`~orchestrator.training.priority.lower_thread_priority`):
 it soaks up the cores the trials leave idle (on 2 cores, the one free while only the reward-net
 chain still runs) instead of running after Tune. The evaluation stage then only evaluates the
 policies and writes every row in the usual order; the answers are the same as computing them
@@ -12,7 +13,6 @@ there (same segmenter, same images, deterministic methods).
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from orchestrator.config import RunConfig
 from orchestrator.evaluation.methods import best_fixed_prompt, make_evaluator
 from orchestrator.evaluation.per_image import ImageResult
 from orchestrator.run_dir import RunPaths
-from orchestrator.training.priority import OFF_CHAIN_NICENESS
+from orchestrator.training.priority import lower_thread_priority
 
 if TYPE_CHECKING:
     from orchestrator.data import PreparedData
@@ -84,6 +84,5 @@ def start_reference_evaluation(
 def _at_low_priority(
     config: RunConfig, paths: RunPaths, prepared: PreparedData, segmenter: SegmentationClient
 ) -> ReferenceResults:
-    if os.getpriority(os.PRIO_PROCESS, 0) < OFF_CHAIN_NICENESS:
-        os.setpriority(os.PRIO_PROCESS, 0, OFF_CHAIN_NICENESS)
+    lower_thread_priority()
     return evaluate_references(config, paths, prepared, segmenter)
