@@ -23,7 +23,7 @@ from envs.sample import Sample
 from models.errors import UserError
 from models.metrics import mask_metrics
 from models.reward_net import RewardExample, image_channel, mask_channel
-from models.segmentation import Segmenter
+from models.segmentation import Segmenter, segment_all
 
 
 def candidate_masks(
@@ -37,7 +37,7 @@ def candidate_masks(
 ) -> list[np.ndarray]:
     """``per_image`` masks of ``sample``: prompt masks first, then random op sequences (see the
     module docstring). The random choices come from ``rng``."""
-    states = [MaskState.from_segmentation(segmenter.segment(sample.image, p)) for p in prompts]
+    states = [MaskState.from_segmentation(s) for s in segment_all(segmenter, sample.image, prompts)]
     if per_image <= len(states):
         picks = sorted(rng.choice(len(states), size=per_image, replace=False).tolist())
         return [states[i].mask for i in picks]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -59,6 +60,18 @@ class Segmenter(Protocol):
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """Segment what ``prompt`` names in ``image`` (uint8 HxWx3 RGB)."""
         ...
+
+
+def segment_all(
+    segmenter: Segmenter, image: np.ndarray, prompts: Sequence[str]
+) -> list[Segmentation]:
+    """``segmenter.segment(image, p)`` for every prompt, in order, in one call when the
+    segmenter offers ``segment_prompts`` (the worker-pool client: one round trip and one image
+    transfer per image instead of one per prompt); the answers are the same either way."""
+    batched = getattr(segmenter, "segment_prompts", None)
+    if batched is not None:
+        return list(batched(image, list(prompts)))
+    return [segmenter.segment(image, p) for p in prompts]
 
 
 def image_digest(image: np.ndarray) -> str:

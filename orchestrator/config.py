@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, DEFAULT_PROMPT_SET, PROMPT_SETS
@@ -95,12 +102,38 @@ class GpuConfig(_Section):
 
 
 class WorkersConfig(_Section):
-    cpu_workers: int = Field(1, ge=1, le=64)
-    """Segmentation workers on a machine without planned GPUs."""
+    cpu_workers: Literal["auto"] | int = "auto"
+    """Segmentation workers when no GPU is planned (the CPU backend). "auto": one per CPU Ray
+    sees, at most 8 (:func:`cpu_worker_count`). Workers reserve no logical CPU, so the trials
+    that start after the warm-up are scheduled as if they were not there; once the cache is
+    warm they only serve cache hits."""
     cache_dir: str = "~/.cache/sa2va-rl/inference"
     """Inference cache shared by runs (memory + disk); put it on shared storage on a cluster."""
     memory_cache_mb: int = Field(512, ge=0)
     """Per-worker in-memory cache bound."""
+
+    @field_validator("cpu_workers", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+            raise ValueError(f'use "auto" or a whole number from 1 to 64, got {value!r}')
+        return value
+
+
+MAX_AUTO_CPU_WORKERS = 8
+"""The most workers ``cpu_workers: auto`` starts: each holds its own memory cache
+(``memory_cache_mb``), and the warm-up gains little once workers outnumber the cores."""
+
+
+def cpu_worker_count(setting: int | Literal["auto"], cpus: float) -> int:
+    """The CPU workers to start for ``workers.cpu_workers`` on a cluster with ``cpus`` CPUs:
+    the number itself, or for "auto" one per whole CPU (at least 1, at most
+    :data:`MAX_AUTO_CPU_WORKERS`)."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, min(MAX_AUTO_CPU_WORKERS, int(cpus)))
 
 
 class EnvConfig(_Section):

@@ -265,7 +265,11 @@ def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
 
 
 def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[str]:
-    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers."""
+    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers (call after
+    ``ray.init``: "auto" counts the cluster's CPUs)."""
+    import ray
+
+    from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
     from orchestrator.inference.pool import WorkerPlacement, start_workers
     from orchestrator.inference.worker import BackendSpec
@@ -274,7 +278,9 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
     runtime_env = config.backend.runtime_env
     options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:
-        placements = [WorkerPlacement(options=options) for _ in range(config.workers.cpu_workers)]
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        count = cpu_worker_count(config.workers.cpu_workers, cpus)
+        placements = [WorkerPlacement(options=options) for _ in range(count)]
     else:
         placements = [
             WorkerPlacement(
@@ -314,9 +320,15 @@ def warm_up(
     for split, cap in splits.items():
         for sample in load_split(prepared.ref, split, cap):
             ids[sample.id] = sample
-    prompts = list(config.env.prompts)
-    for sample in tqdm(list(ids.values()), desc="  segmenting (cache warm-up)", unit="image"):
-        client.segment_prompts(sample.image, prompts)
+    from orchestrator.inference.warmup import warm_up_pool
+
+    images = [sample.image for sample in ids.values()]
+    with tqdm(total=len(images), desc="  segmenting (cache warm-up)", unit="image") as bar:
+        report = warm_up_pool(client, images, config.env.prompts, on_image=lambda: bar.update())
+    print(
+        f"  {report.pairs} (image, prompt) pairs: {report.computed} computed, {report.cached} "
+        f"cached; images per worker {list(report.images_per_worker)} ({report.shared} shared)"
+    )
     return len(ids)
 
 
@@ -353,6 +365,10 @@ def run(options: RunOptions) -> int:
         with clock.stage("warmup", "cache warm-up"):
             warm_up(client, config, prepared, paths)
         with clock.stage("tune", "Tune: experiments as concurrent trials"):
+            from orchestrator.evaluation.references import start_reference_evaluation
+
+            # The policy-free methods use the cores the trials leave idle (see the module).
+            references = start_reference_evaluation(config, paths, prepared, client)
             grid = tuning.fit(
                 options, config, paths, prepared, workers, client.backend_id, trial_gpu_mb
             )
@@ -360,12 +376,20 @@ def run(options: RunOptions) -> int:
         with clock.stage("evaluate", "evaluation on the test split"):
             from orchestrator.evaluation.stage import best_policy_paths, evaluate_run
 
-            evaluate_run(config, paths, prepared, client, best_policy_paths(trials))
+            evaluate_run(
+                config, paths, prepared, client, best_policy_paths(trials), ray.get(references)
+            )
         with clock.stage("report", "summary and report"):
             from orchestrator.report import summary as report
 
             facts = report.build_summary(
-                config, prepared, trials, client.stats(), clock.seconds, started, client.backend_id
+                config,
+                prepared,
+                trials,
+                client.stats(union_pairs=True),
+                clock.seconds,
+                started,
+                client.backend_id,
             )
             write_json(paths.summary, facts)
             # The report is rebuilt from the files just written, exactly as `sa2va-rl report`

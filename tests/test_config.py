@@ -84,6 +84,24 @@ def test_extends_and_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_cpu_workers_auto_counts_the_cpus() -> None:
+    from orchestrator.config import MAX_AUTO_CPU_WORKERS, cpu_worker_count
+
+    assert load_config(CONFIG_DIR / "quick.yaml").workers.cpu_workers == "auto"
+    assert [cpu_worker_count("auto", cpus) for cpus in (0.5, 1, 2, 2.5, 64)] == [
+        1,
+        1,
+        2,
+        2,
+        MAX_AUTO_CPU_WORKERS,
+    ]
+    assert cpu_worker_count(3, 2) == 3  # a number is taken as given
+    assert parse_config({"workers": {"cpu_workers": 3}}).workers.cpu_workers == 3
+    for bad in (0, 65, "all", True):
+        with pytest.raises(UserError, match=r"'workers.cpu_workers': use \"auto\" or a whole"):
+            parse_config({"workers": {"cpu_workers": bad}})
+
+
 def test_base_yaml_states_the_schema_defaults() -> None:
     """base.yaml spells out the defaults a user is most likely to change; a test keeps every
     value it names equal to the schema's default, so the two never drift apart."""

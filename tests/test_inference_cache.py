@@ -126,6 +126,31 @@ def test_disk_layout_and_no_temp_files_left(tmp_path: Path) -> None:
     assert [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
 
 
+def test_staged_entry_is_served_until_flushed_to_disk(tmp_path: Path) -> None:
+    # A worker stages under its model lock and flushes after it: meanwhile the result must be
+    # found (even without a memory tier), and afterwards be on disk and no longer held.
+    key, seg = _key(), _seg(0)
+    cache = InferenceCache(tmp_path, memory_bytes=0)
+    stored = cache.stage(key, seg)
+    path = cache.path(key)
+    assert path is not None and not path.exists()
+    hit = cache.get(key, (16, 16))
+    assert hit is not None and hit.tier == "memory"
+    _assert_identical(hit.segmentation, stored)
+    cache.flush(key)
+    assert path.exists() and cache.get(key, (16, 16)) is not None  # now from disk
+    assert cache.counters()["disk_hits"] == 1 and cache.counters()["cache_misses"] == 1
+    cache.flush(key)  # nothing staged: no-op
+
+
+def test_failed_flush_is_counted_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    cache = InferenceCache(tmp_path / "file", memory_bytes=0)
+    cache.stage(_key(), _seg(0))
+    cache.flush(_key())
+    assert cache.counters()["disk_write_errors"] == 1
+
+
 def test_memory_only_cache_without_dir() -> None:
     cache = InferenceCache(None)
     cache.put(_key(), _seg(0))

@@ -56,7 +56,7 @@ def test_smoke_run_finishes_with_all_trials_terminated(smoke_run: SmokeRun) -> N
         assert method["n"] == 6  # max_eval_images of smoke.yaml
         assert {"dice", "recall", "precision", "iou"} <= set(method)
     inference = summary["inference"]
-    assert inference["workers"] == 1
+    assert inference["workers"] == 2  # cpu_workers: auto on --num-cpus 2
     # A cold cache: each distinct (image, prompt) pair costs exactly one forward pass. The run
     # needs 8 train + 8 val + 6 test images (smoke.yaml caps) x 11 prompts.
     assert inference["forward_passes"] == inference["distinct_pairs"] == 22 * 11

@@ -39,7 +39,7 @@ from envs.mask_ops import MaskOpsConfig, MaskState
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from models.metrics import mask_metrics
-from models.segmentation import Segmenter
+from models.segmentation import Segmenter, segment_all
 from orchestrator.config import RunConfig
 from orchestrator.evaluation.examples import example_mask_path, pick_examples, write_mask_png
 from orchestrator.evaluation.oracles import oracle_postprocess_mask
@@ -72,11 +72,12 @@ def run_policy(
 
 def best_fixed_prompt(train: Sequence[Sample], segmenter: Segmenter, prompts: Sequence[str]) -> str:
     """The prompt with the best mean ground-truth Dice on ``train`` (ties: the earlier prompt)."""
-    means = [
-        np.mean([mask_metrics(segmenter.segment(s.image, p).mask, s.mask).dice for s in train])  # type: ignore[arg-type]
-        for p in prompts
-    ]
-    return prompts[int(np.argmax(means))]
+    dice: list[list[float]] = [[] for _ in prompts]  # per prompt, in train order
+    for s in train:
+        assert s.mask is not None
+        for column, seg in zip(dice, segment_all(segmenter, s.image, prompts), strict=True):
+            column.append(mask_metrics(seg.mask, s.mask).dice)
+    return prompts[int(np.argmax([np.mean(column) for column in dice]))]
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Evaluator:
         rows = []
         for s in self.test:
             assert s.mask is not None
-            masks = [self.segmenter.segment(s.image, p).mask for p in self.prompts]
+            masks = [seg.mask for seg in segment_all(self.segmenter, s.image, self.prompts)]
             dices = [mask_metrics(m, s.mask).dice for m in masks]
             best = int(np.argmax(dices))
             rows.append(self._measure("oracle_prompt", s, masks[best], self.prompts[best]))

@@ -7,7 +7,6 @@ final mask of the worst, median and best baseline image); the report is built fr
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,8 +15,13 @@ from typing import TYPE_CHECKING
 from envs.sources import load_split
 from models.reward_net import load_checkpoint
 from orchestrator.config import RunConfig
-from orchestrator.evaluation.methods import Policy, best_fixed_prompt, make_evaluator
+from orchestrator.evaluation.methods import Policy, make_evaluator
 from orchestrator.evaluation.per_image import ImageResult, write_rows
+from orchestrator.evaluation.references import (
+    REFERENCE_METHODS,
+    ReferenceResults,
+    evaluate_references,
+)
 from orchestrator.experiments import (
     COMBINED_METHOD,
     COMBINED_OF,
@@ -49,16 +53,20 @@ def evaluate_run(
     prepared: PreparedData,
     segmenter: SegmentationClient,
     policy_files: dict[str, Path],
+    references: ReferenceResults | None = None,
 ) -> list[ImageResult]:
     """Every method on the test split; writes ``eval/per_image.csv`` and the example masks.
-    ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`)."""
+    ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`).
+    ``references``: the policy-free methods if already evaluated (the run computes them while
+    the trials train, :mod:`orchestrator.evaluation.references`); computed here otherwise."""
     from orchestrator.training.ppo import ExportedPolicy
 
+    during = "" if references is None else " (while the trials trained)"
+    if references is None:
+        references = evaluate_references(config, paths, prepared, segmenter)
     test = load_split(prepared.ref, "test", config.data.max_eval_images)
-    train = load_split(prepared.ref, "train", config.data.max_train_images)
-    examples = paths.examples_dir
-    shutil.rmtree(examples, ignore_errors=True)  # a resumed run must not mix in stale masks
-    evaluator = make_evaluator(config, test, segmenter, examples_dir=examples)
+    evaluator = make_evaluator(config, test, segmenter, examples_dir=paths.examples_dir)
+    evaluator.keep_ids = references.keep_ids
     policies: dict[str, Policy] = {t: ExportedPolicy.load(p).act for t, p in policy_files.items()}
     scorer = None
     if any(trial(name).needs_reward_net for name in policies):
@@ -68,12 +76,7 @@ def evaluate_run(
             manifest_hash=prepared.manifest_hash,
         )
     envs = {name: build_env(trial(name), config, test, segmenter, scorer) for name in policies}
-    fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
-    # The baseline goes first: it picks the example images the later methods save masks of.
-    steps: list[tuple[str, Callable[[], list[ImageResult]]]] = [
-        ("baseline", evaluator.baseline),
-        ("best_fixed_prompt", lambda: evaluator.fixed_prompt("best_fixed_prompt", fixed)),
-    ]
+    steps: list[tuple[str, Callable[[], list[ImageResult]]]] = []
     for name, policy in policies.items():
         method = trial(name).method
         assert method is not None, "a PPO trial has an evaluation method"
@@ -88,14 +91,18 @@ def evaluate_run(
                 ),
             )
         )
-    steps += [
-        ("oracle_prompt", evaluator.oracle_prompt),
-        ("oracle_postprocess", evaluator.oracle_postprocess),
-    ]
-    rows: list[ImageResult] = []
+    computed: dict[str, list[ImageResult]] = {}
+    seconds = dict(references.seconds)
     for method, compute in steps:
         start = time.monotonic()
-        rows += compute()
-        print(f"  {method:20s} {len(test)} images in {time.monotonic() - start:.1f} s", flush=True)
+        computed[method] = compute()
+        seconds[method] = time.monotonic() - start
+    # The usual order: baseline, best fixed prompt, the policies, combined, the oracles.
+    order = [*REFERENCE_METHODS[:2], *computed, *REFERENCE_METHODS[2:]]
+    rows: list[ImageResult] = []
+    for method in order:
+        rows += references.rows[method] if method in references.rows else computed[method]
+        when = during if method in references.rows else ""
+        print(f"  {method:20s} {len(test)} images in {seconds[method]:.1f} s{when}", flush=True)
     write_rows(paths.per_image_csv, rows)
     return rows

@@ -221,9 +221,13 @@ class InferenceCache:
 
     Thread-safe. ``get`` returns a :class:`CacheHit` or ``None``; ``put`` stores a result in
     both tiers and returns its canonical form (return that to callers, so a miss and a later hit
-    give identical values). Counters: ``memory_hits`` and ``disk_hits`` (counted by ``get``),
-    ``misses`` (counted by ``put``: a lookup that finds nothing is not yet a miss, the caller may
-    look again after waiting for a lock), ``corrupt_entries``, ``disk_write_errors``.
+    give identical values). ``put`` is ``stage`` (memory, and held for ``get`` whatever the
+    memory bound) then ``flush`` (the disk write, a few ms with its fsync): a worker stages under
+    its model lock and flushes after releasing it, so the next forward pass overlaps the write
+    and a request that waited for the lock still finds the result. Counters: ``memory_hits``
+    and ``disk_hits`` (counted by ``get``), ``misses`` (counted by ``stage``: a lookup that finds
+    nothing is not yet a miss, the caller may look again after waiting for a lock),
+    ``corrupt_entries``, ``disk_write_errors``.
     """
 
     def __init__(
@@ -235,6 +239,7 @@ class InferenceCache:
         self.corrupt_entries = self.disk_write_errors = 0
         self._labelled: set[str] = set()
         self._lock = threading.Lock()
+        self._staged: dict[str, Segmentation] = {}
 
     def path(self, key: CacheKey) -> Path | None:
         """Where the entry of ``key`` lives on disk (``None`` without a cache dir)."""
@@ -246,6 +251,9 @@ class InferenceCache:
     def get(self, key: CacheKey, hw: tuple[int, int]) -> CacheHit | None:
         """The cached result of ``key`` for an image of height/width ``hw``, or ``None``."""
         seg = self.memory.get(key.hex)
+        if seg is None:
+            with self._lock:
+                seg = self._staged.get(key.hex)
         if seg is not None and seg.mask.shape == tuple(hw):
             self._count("memory_hits")
             return CacheHit(seg, "memory")
@@ -258,19 +266,39 @@ class InferenceCache:
 
     def put(self, key: CacheKey, seg: Segmentation) -> Segmentation:
         """Store ``seg`` under ``key`` in memory and on disk; returns the canonical form."""
+        seg = self.stage(key, seg)
+        self.flush(key)
+        return seg
+
+    def stage(self, key: CacheKey, seg: Segmentation) -> Segmentation:
+        """Store ``seg`` in memory and hold it for :meth:`get` until :meth:`flush` wrote it to
+        disk (also when the memory tier is too small for it); returns the canonical form."""
         seg = canonical(seg)
         self._count("misses")
         self.memory.put(key.hex, seg)
+        with self._lock:
+            self._staged[key.hex] = seg
+        return seg
+
+    def flush(self, key: CacheKey) -> None:
+        """Write the entry :meth:`stage` holds for ``key`` to disk and release it (no-op when
+        nothing is staged). A failed write is counted and logged, never raised: it costs future
+        recomputation, not the answer already returned."""
+        with self._lock:
+            seg = self._staged.get(key.hex)
+        if seg is None:
+            return
         path = self.path(key)
-        if path is not None:
-            try:
+        try:
+            if path is not None:
                 self._label_backend_dir(key)
                 _atomic_write_npz(path, encode_entry(key.hex, seg))
-            except OSError as err:
-                # A full or read-only disk costs future recomputation, not this answer.
-                self._count("disk_write_errors")
-                log.warning("segmentation cache: could not write %s: %s", path, err)
-        return seg
+        except OSError as err:
+            self._count("disk_write_errors")
+            log.warning("segmentation cache: could not write %s: %s", path, err)
+        finally:
+            with self._lock:
+                self._staged.pop(key.hex, None)
 
     def counters(self) -> dict[str, int]:
         """The hit/miss/corruption counters and the memory tier's size."""

@@ -146,17 +146,21 @@ class SegmentationClient:
                 results[prompt] = memo
         missing = list(dict.fromkeys(p for p in prompts if p not in results))
         if missing:
-            worker = self._route(digest)
+            worker = self.route(digest)
             answers = self._call(worker, lambda t: t.serve(digest, image, missing))
             for prompt, seg in zip(missing, answers, strict=True):
                 results[prompt] = seg
                 self._memo_put((digest, prompt), seg)
         return [results[p] for p in prompts]
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, *, union_pairs: bool = False) -> dict[str, Any]:
         """``{"total": ..., "workers": [...], "client": ...}``: summed worker counters (forward
         passes, memory/disk hits, corrupt entries, OOM retries/failures, restarts, queue length,
-        worst p50/p95 latency), each worker's own figures, and this client's memo figures."""
+        worst p50/p95 latency), each worker's own figures, and this client's memo figures.
+
+        ``total["distinct_pairs"]`` sums the workers' counts, which overlap where the warm-up
+        shared work between workers; ``union_pairs`` asks every worker for its pairs and counts
+        their union instead (exact, one larger transfer: for a run's summary)."""
         per_worker = [self._call(i, lambda t: t.stats()) for i in range(len(self.transports))]
         with self._lock:
             client = {
@@ -165,10 +169,25 @@ class SegmentationClient:
                 "memo_entries": len(self._memo),
                 "retries": self._retries,
             }
-        return {"total": aggregate_stats(per_worker), "workers": per_worker, "client": client}
+        total = aggregate_stats(per_worker)
+        if union_pairs:
+            served: set[tuple[str, str]] = set()
+            for i in range(len(self.transports)):
+                served.update(self._call(i, lambda t: t.served_pairs()))
+            total["distinct_pairs"] = len(served)
+        return {"total": total, "workers": per_worker, "client": client}
 
-    def _route(self, digest: str) -> int:
+    def route(self, digest: str) -> int:
+        """Index of the worker that serves the image of ``digest`` (``image_digest``)."""
         return int(digest[:16], 16) % len(self.transports)
+
+    def serve_on(
+        self, index: int, digest: str, image: np.ndarray, prompts: Sequence[str]
+    ) -> list[Segmentation]:
+        """``prompts`` of ``image`` (whose ``image_digest`` is ``digest``) from worker ``index``,
+        whichever worker routing would pick, with the client's retries and no memo (the cache
+        warm-up spreads work this way; the answers are the same from any worker of the pool)."""
+        return self._call(index, lambda t: t.serve(digest, image, list(prompts)))
 
     def _memo_get(self, key: tuple[str, str]) -> Segmentation | None:
         with self._lock:

@@ -49,6 +49,10 @@ class WorkerTransport(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def served_pairs(self) -> list[tuple[str, str]]:
+        """The (image digest, prompt) pairs the worker has served (see the worker's method)."""
+        ...
+
     def backend_id(self) -> str: ...
 
     def reset(self) -> None:
@@ -72,6 +76,9 @@ class InProcessTransport:
 
     def stats(self) -> dict[str, Any]:
         return self.worker.stats()
+
+    def served_pairs(self) -> list[tuple[str, str]]:
+        return self.worker.served_pairs()
 
     def backend_id(self) -> str:
         return self.worker.backend_id()
@@ -142,6 +149,9 @@ class RayTransport:
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("stats")
         return result
+
+    def served_pairs(self) -> list[tuple[str, str]]:
+        return [(str(d), str(p)) for d, p in self._call("served_pairs")]
 
     def backend_id(self) -> str:
         return str(self._call("backend_id"))

@@ -11,7 +11,11 @@ Per request: look the (backend id, image, prompt) key up in the memory LRU, then
 The actor is threaded (``max_concurrency`` > 1) so cache hits never wait behind another trial's
 forward pass, but the lock lets exactly one model call run at a time (Sa2VA's
 ``predict_forward`` mutates model state and cannot batch images). A request that waited for the
-lock looks again first: when two trials ask the same pair at once, the model runs once.
+lock looks again first: when two trials ask the same pair at once, the model runs once. The
+missing prompts of one request (one image) run back to back under one hold of the lock, so
+another request's image cannot come in between (a backend may share work between the prompts of
+one image), and their disk writes happen after the lock is released (the entries are held in
+memory meanwhile, so nobody recomputes them).
 
 CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend's input cap
 (backends expose ``set_input_cap(int)`` or an ``input_cap`` attribute; the longest image side
@@ -155,15 +159,10 @@ class SegmentationWorker:
         return self.segment_prompts(image, [prompt])[0]
 
     def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
-        """The segmentations of one image for several prompts, in order (one transfer)."""
+        """The segmentations of one image for several prompts, in order (see :meth:`serve`)."""
         check_image(image)
-        self._stats.request_started()
-        try:
-            digest = image_digest(image)
-            return [self._segment_one(image, digest, str(prompt)) for prompt in prompts]
-        finally:
-            self._stats.request_finished()
-            self._stats.sync_counts(self._cache.counters())
+        hw = (int(image.shape[0]), int(image.shape[1]))
+        return self.serve(image_digest(image), hw, prompts, image, trust_digest=True)
 
     def lookup(
         self, digest: str, hw: tuple[int, int], prompts: Sequence[str]
@@ -194,27 +193,47 @@ class SegmentationWorker:
         one call: cached answers by digest, the rest computed from ``image`` (the array, or a
         callable fetching it, called only on a miss). Unless ``trust_digest`` (the caller holds
         the same array), a miss re-hashes the pixels first, so a wrong digest can never store
-        an answer under another image's key."""
+        an answer under another image's key.
+
+        The prompts not cached are computed back to back under one hold of the model lock, so
+        a backend that shares work between the prompts of one image (Frangi's filter
+        responses) keeps it while other requests wait; their disk writes happen after the lock
+        is released, overlapping the next request's forward passes."""
         self._stats.request_started()
+        staged: list[CacheKey] = []
         try:
-            pixels: np.ndarray | None = None
-            out = []
-            for prompt in map(str, prompts):
-                self._stats.count("requests")
-                hit = self._lookup(digest, prompt, hw)
-                if hit is not None:
-                    out.append(hit.segmentation)
-                    continue
-                if pixels is None:
-                    pixels = image() if callable(image) else image
-                    check_image(pixels)
-                    if not trust_digest and image_digest(pixels) != digest:
-                        raise ValueError(f"{self.name}: the image does not match its digest")
-                out.append(self._compute(pixels, digest, prompt, hw))
-            return out
+            wanted = [str(prompt) for prompt in prompts]
+            self._stats.count("requests", len(wanted))
+            found = {p: self._lookup(digest, p, hw) for p in dict.fromkeys(wanted)}
+            results = {p: hit.segmentation for p, hit in found.items() if hit is not None}
+            missing = [p for p, hit in found.items() if hit is None]
+            if missing:
+                pixels = image() if callable(image) else image
+                check_image(pixels)
+                if not trust_digest and image_digest(pixels) != digest:
+                    raise ValueError(f"{self.name}: the image does not match its digest")
+                with self._model_lock:
+                    for prompt in missing:
+                        results[prompt] = self._compute(pixels, digest, prompt, hw, staged)
+            # A prompt asked again within the request is a memory hit, counted as one, so that
+            # requests == forward passes + hits holds per prompt asked.
+            seen: set[str] = set()
+            for prompt in wanted:
+                if prompt in seen:
+                    self._lookup(digest, prompt, hw)
+                seen.add(prompt)
+            return [results[p] for p in wanted]
         finally:
+            for key in staged:
+                self._cache.flush(key)
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
+
+    def served_pairs(self) -> list[tuple[str, str]]:
+        """The (image digest, prompt) pairs this incarnation has served: a pool's distinct pairs
+        are the union over its workers (the warm-up may have one worker compute an image that
+        another then serves from the disk cache, so the per-worker counts overlap)."""
+        return sorted(self._served)
 
     def stats(self) -> dict[str, Any]:
         """Counters, queue length, latency percentiles, restarts, cap and cache size."""
@@ -230,31 +249,32 @@ class SegmentationWorker:
         )
         return snap
 
-    def _segment_one(self, image: np.ndarray, digest: str, prompt: str) -> Segmentation:
-        self._stats.count("requests")
-        hw = (int(image.shape[0]), int(image.shape[1]))
+    def _compute(
+        self,
+        image: np.ndarray,
+        digest: str,
+        prompt: str,
+        hw: tuple[int, int],
+        staged: list[CacheKey],
+    ) -> Segmentation:
+        """One pair, under the model lock (the caller holds it): cached meanwhile, or a forward
+        pass whose result is staged in the cache (its key added to ``staged``: the caller
+        flushes those to disk once the lock is free)."""
+        # Another request may have computed this pair while we waited for the lock.
         hit = self._lookup(digest, prompt, hw)
         if hit is not None:
             return hit.segmentation
-        return self._compute(image, digest, prompt, hw)
-
-    def _compute(
-        self, image: np.ndarray, digest: str, prompt: str, hw: tuple[int, int]
-    ) -> Segmentation:
-        with self._model_lock:
-            # Another request may have computed this pair while we waited for the lock.
-            hit = self._lookup(digest, prompt, hw)
-            if hit is not None:
-                return hit.segmentation
-            try:
-                seg = self._run_model(image, prompt)
-            except Exception:
-                # Raised to this request's caller (the worker keeps serving); counted here.
-                self._stats.count("model_errors")
-                raise
-            self._served.add((digest, prompt))
-            # Stored under the id of the backend that produced it (its cap may have changed).
-            return self._cache.put(CacheKey(self._backend.backend_id, digest, prompt), seg)
+        try:
+            seg = self._run_model(image, prompt)
+        except Exception:
+            # Raised to this request's caller (the worker keeps serving); counted here.
+            self._stats.count("model_errors")
+            raise
+        self._served.add((digest, prompt))
+        # Stored under the id of the backend that produced it (its cap may have changed).
+        key = CacheKey(self._backend.backend_id, digest, prompt)
+        staged.append(key)
+        return self._cache.stage(key, seg)
 
     def _lookup(self, digest: str, prompt: str, hw: tuple[int, int]) -> CacheHit | None:
         """The configured backend's result first, else one computed after an OOM lowered it."""

@@ -20,6 +20,7 @@ from ray import tune
 from orchestrator.experiments import TrialSpec
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.training.loop import train_ppo
+from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
 from orchestrator.training.reward_net_status import wait_for_reward_net
 
@@ -55,4 +56,5 @@ def run_trial(param: dict[str, Any]) -> None:
         return
     if spec.trial.needs_reward_net:
         wait_for_reward_net(spec.paths)
+    yield_to_reward_chain(spec.trial, spec.run)
     train_ppo(spec, client, TuneSink())

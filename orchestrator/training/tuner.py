@@ -2,10 +2,12 @@
 
 Trial resources: each trial samples in its own process (no extra env-runner actors), so it
 needs one CPU share. On a 2-CPU machine four trials get 0.5 CPU each and all run at once; on a
-cluster each gets a whole CPU. Trials that use a GPU (the registry's ``uses_gpu``: reward-net
-training) also ask for ``gpu_mem_mb`` when the GPU plan left memory for trials, so Tune queues
-them until that memory is free instead of letting them OOM next to a Sa2VA worker; the plan's
-refusal, if any, came in stage 3 (:func:`trial_gpu_mem_mb`), before any worker started.
+cluster each gets a whole CPU. Which trial goes first when they share cores is a matter of
+OS priority, not of shares (:mod:`orchestrator.training.priority`). Trials that use a GPU (the
+registry's ``uses_gpu``: reward-net training) also ask for ``gpu_mem_mb`` when the GPU plan
+left memory for trials, so Tune queues them until that memory is free instead of letting them
+OOM next to a Sa2VA worker; the plan's refusal, if any, came in stage 3
+(:func:`trial_gpu_mem_mb`), before any worker started.
 """
 
 from __future__ import annotations
