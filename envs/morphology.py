@@ -81,7 +81,9 @@ def grow_region(mask: np.ndarray, prob: np.ndarray, config: MaskOpsConfig) -> np
     8-connected pixels above ``config.grow_threshold`` (hysteresis thresholding). The result is
     the union with the current mask, so growing never removes what earlier operations added.
     """
-    n, labels = cv2.connectedComponents((prob > config.grow_threshold).astype(np.uint8), 8)
+    n, labels = cv2.connectedComponents(
+        (prob > config.grow_threshold).astype(np.uint8), connectivity=8
+    )
     if n <= 1:
         return mask.copy()
     seeded = np.zeros(n, bool)
