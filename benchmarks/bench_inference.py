@@ -48,11 +48,10 @@ import fakes
 from fakes import FakeBackendFactory, FakeSegmenter, random_image
 
 from models.prompts import CANDIDATE_PROMPTS
-from orchestrator.segmentation_client import (
+from orchestrator.inference.client import (
     SegmentationClient,
-    shutdown_workers,
-    start_workers,
 )
+from orchestrator.inference.pool import shutdown_workers, start_workers
 
 IMAGE_SIZE = 512
 

@@ -28,7 +28,7 @@ from envs.sources import load_samples
 from models.metrics import mask_metrics
 from models.segmentation import image_digest
 from orchestrator.config import parse_config
-from orchestrator.inference_cache import CacheKey, InferenceCache
+from orchestrator.inference.cache import CacheKey, InferenceCache
 
 
 def features_and_dice(run: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

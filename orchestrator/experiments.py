@@ -1,4 +1,4 @@
-"""The experiments as Tune trials: what each trial is, and how its environment is built.
+"""The one registry of experiments and trials, and the typed spec a trial runs from.
 
 Three experiments, four trials (experiment 3 has two steps):
 
@@ -9,98 +9,161 @@ prompt         1 prompt           PPO over PromptSelection-v0 (reward: change of
 postprocess    2 post-processing  PPO over PostProcess-v0 (reward: change of GT Dice)
 reward_net     3 step 1           supervised training of the reward network
 reward_guided  3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of the
-                                  reward network's score), starts once step 1's checkpoint
-                                  exists
+                                  reward network's score), starts once step 1 is READY
 =============  =================  =====================================================
 
-The PPO trials are symmetrical: same algorithm config, same loop, same metrics; they differ
-only in the environment class and its keywords (:func:`env_kwargs`).
+Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
+compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
+metrics; they differ only in the environment class and its keywords (:func:`env_kwargs`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
 from envs.segmentation_env import SegmentationEnv
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, config_to_dict, parse_config
 
-PPO_TRIALS: dict[str, type[SegmentationEnv]] = {
-    "prompt": PromptSelectionEnv,
-    "postprocess": PostProcessEnv,
-    "reward_guided": RewardGuidedPromptEnv,
-}
-TRIALS_OF_EXPERIMENT = {
-    "prompt": ("prompt",),
-    "postprocess": ("postprocess",),
-    "reward": ("reward_net", "reward_guided"),
-}
-TUNE_EXPERIMENT = "tune"
-"""Name of the Tune experiment; its directory is ``<run dir>/tune``."""
-ENV_NAME = "sa2va_rl_experiment"
-"""The one name registered with Tune; ``env_config["trial"]`` picks the class."""
+if TYPE_CHECKING:
+    from models.segmentation import Segmenter
 
 
 @dataclass(frozen=True)
-class RunPaths:
-    """Where everything of one run lives (all under ``root``)."""
+class Trial:
+    """One trial of the registry.
 
-    root: Path
+    Attributes:
+        name: the trial's name (Tune's ``config["trial"]``, directory prefix, summary key).
+        experiment: the experiment it belongs to (``config.experiments`` names these).
+        env_class: the environment a PPO trial learns in; ``None`` for supervised trials.
+        method: the evaluation method of its policy (``eval/per_image.csv``), or ``None``.
+        needs_reward_net: it waits for the reward-net trial of the same run to be READY.
+        trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
+        uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
+            ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
+    """
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def synthetic_data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def manifest(self) -> Path:
-        return self.root / "split_manifest.json"
-
-    @property
-    def tune_dir(self) -> Path:
-        return self.root / TUNE_EXPERIMENT
-
-    @property
-    def reward_net(self) -> Path:
-        return self.root / "reward_net" / "best_reward_net.pt"
+    name: str
+    experiment: str
+    env_class: type[SegmentationEnv] | None = None
+    method: str | None = None
+    needs_reward_net: bool = False
+    trains_reward_net: bool = False
+    uses_gpu: bool = False
 
     @property
-    def reward_net_report(self) -> Path:
-        return self.root / "reward_net" / "report.json"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
+    def is_ppo(self) -> bool:
+        return self.env_class is not None
 
 
-def trials_for(config: RunConfig) -> list[str]:
+PROMPT = Trial("prompt", "prompt", PromptSelectionEnv, "prompt_rl")
+POSTPROCESS = Trial("postprocess", "postprocess", PostProcessEnv, "postprocess_rl")
+REWARD_NET = Trial("reward_net", "reward", trains_reward_net=True, uses_gpu=True)
+REWARD_GUIDED = Trial(
+    "reward_guided", "reward", RewardGuidedPromptEnv, "reward_rl", needs_reward_net=True
+)
+TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED)
+"""Every trial, in launch order (reward_net before reward_guided)."""
+PPO_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.is_ppo)
+COMBINED_METHOD = "combined"
+COMBINED_OF: tuple[Trial, Trial] = (PROMPT, POSTPROCESS)
+"""``combined``: the prompt policy's final prompt, then the post-processing policy on its mask."""
+RL_METHODS: tuple[str, ...] = (*(t.method for t in PPO_TRIALS if t.method), COMBINED_METHOD)
+"""Evaluation methods that come from a trained policy."""
+ENV_NAME = "sa2va_rl_experiment"
+"""The one name registered with Tune; ``env_config["trial"]`` picks the class."""
+
+_BY_NAME = {t.name: t for t in TRIALS}
+
+
+def trial(name: str) -> Trial:
+    """The registry entry of ``name``; ``KeyError`` names the known trials."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown trial {name!r}; known: {', '.join(_BY_NAME)}") from None
+
+
+def trials_for(config: RunConfig) -> list[Trial]:
     """The trials a config asks for, in launch order (reward_net before reward_guided)."""
-    return [trial for exp in config.experiments for trial in TRIALS_OF_EXPERIMENT[exp]]
+    return [t for t in TRIALS if t.experiment in config.experiments]
+
+
+def trials_of_experiment(experiment: str) -> list[Trial]:
+    """The trials of one experiment (``prompt``, ``postprocess`` or ``reward``), in order."""
+    return [t for t in TRIALS if t.experiment == experiment]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """Everything one trial runs from: typed here, plain data only in Tune's ``param_space``
+    (:meth:`to_param` / :meth:`from_param` are that one edge).
+
+    Attributes:
+        trial: the registry entry.
+        run: the resolved run config.
+        root: the run directory.
+        workers: the segmentation workers' Ray names (empty: in-process workers).
+        backend_id: the workers' backend id (ties checkpoints and policies to it).
+        data_dir: the dataset directory.
+        manifest_hash: the split manifest's hash (ties checkpoints to the split).
+    """
+
+    trial: Trial
+    run: RunConfig
+    root: str
+    workers: tuple[str, ...]
+    backend_id: str
+    data_dir: str
+    manifest_hash: str
+
+    def to_param(self) -> dict[str, Any]:
+        """The plain-data form Tune stores in ``params.json``."""
+        return {
+            "trial": self.trial.name,
+            "run": config_to_dict(self.run),
+            "root": self.root,
+            "workers": list(self.workers),
+            "backend_id": self.backend_id,
+            "data_dir": self.data_dir,
+            "manifest_hash": self.manifest_hash,
+        }
+
+    @classmethod
+    def from_param(cls, param: Mapping[str, Any]) -> TrialSpec:
+        """The spec back from :meth:`to_param`'s form (in the trial's process)."""
+        return cls(
+            trial=trial(str(param["trial"])),
+            run=parse_config(dict(param["run"]), source="trial config"),
+            root=str(param["root"]),
+            workers=tuple(param["workers"]),
+            backend_id=str(param["backend_id"]),
+            data_dir=str(param["data_dir"]),
+            manifest_hash=str(param["manifest_hash"]),
+        )
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one trial ended, as every later stage reads it (from Tune or the local runner).
+
+    Attributes:
+        name: the trial's name.
+        status: ``TERMINATED`` or ``ERROR``.
+        checkpoint: its latest checkpoint directory (PPO trials: holds ``best_policy.pt``).
+    """
+
+    name: str
+    status: str
+    checkpoint: Path | None
 
 
 def env_kwargs(
-    trial: str,
+    spec: Trial,
     config: RunConfig,
     data: dict[str, Any],
     *,
@@ -119,24 +182,29 @@ def env_kwargs(
         "max_steps": env.max_steps,
         "recall_weight": env.recall_weight,
     }
-    if trial == "postprocess":
+    if spec.env_class is None:
+        raise ValueError(f"trial {spec.name!r} has no environment")
+    if spec.env_class is PostProcessEnv:
         return {**common, "base_prompt": env.default_prompt, "mask_ops": dict(config.mask_ops)}
     prompts = {"prompts": list(env.prompts), "default_prompt": env.default_prompt}
-    if trial == "prompt":
+    if not spec.needs_reward_net:
         return {**common, **prompts}
-    if trial == "reward_guided":
-        return {
-            **common,
-            **prompts,
-            "reward_net": reward_net,
-            "expected_backend_id": backend_id,
-            "expected_manifest_hash": manifest_hash,
-        }
-    raise ValueError(f"trial {trial!r} has no environment")
+    return {
+        **common,
+        **prompts,
+        "reward_net": reward_net,
+        "expected_backend_id": backend_id,
+        "expected_manifest_hash": manifest_hash,
+    }
+
+
+def build_env(spec: Trial, segmenter: Segmenter, kwargs: Mapping[str, Any]) -> SegmentationEnv:
+    """The trial's environment on ``segmenter`` with ``kwargs`` from :func:`env_kwargs`."""
+    if spec.env_class is None:
+        raise ValueError(f"trial {spec.name!r} has no environment")
+    return spec.env_class(segmenter=segmenter, **dict(kwargs))
 
 
 def make_env(env_config: dict[str, Any]) -> SegmentationEnv:
     """Env creator registered with Tune: ``{"trial", "kwargs", "segmenter"}`` -> env."""
-    cls = PPO_TRIALS[env_config["trial"]]
-    env: SegmentationEnv = cls(segmenter=env_config["segmenter"], **env_config["kwargs"])
-    return env
+    return build_env(trial(env_config["trial"]), env_config["segmenter"], env_config["kwargs"])

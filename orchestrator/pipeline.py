@@ -2,7 +2,7 @@
 report, in one process that is also the ``ray job submit`` entrypoint.
 
 Every stage prints a numbered line with its wall time, so a user sees where a long run is. All
-outputs live in the run directory (see :class:`~orchestrator.experiments.RunPaths`); a run
+outputs live in the run directory (see :mod:`orchestrator.run_dir`); a run
 interrupted at any point continues with ``--resume``: the data, split and config are reused,
 finished trials are not redone (Tune restores the experiment), and inference comes from the
 disk cache.
@@ -10,7 +10,6 @@ disk cache.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -26,7 +25,12 @@ from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
 from envs.split import check_manifest_matches, read_manifest, split_dataset, write_manifest
 from models.errors import UserError
 from orchestrator.config import RunConfig, config_to_dict, load_config, parse_config
-from orchestrator.experiments import RunPaths, trials_for
+from orchestrator.experiments import trials_for
+from orchestrator.run_dir import RunPaths, write_json, write_text
+
+if TYPE_CHECKING:
+    from orchestrator.gpu.budget import GpuPlan
+    from orchestrator.inference.client import SegmentationClient
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +118,8 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
             "run, or choose another --output"
         )
     paths.root.mkdir(parents=True, exist_ok=True)
-    _write_text(paths.config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    write_text(paths.config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return config
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -159,12 +157,6 @@ def prepare_data(config: RunConfig, paths: RunPaths) -> PreparedData:
     sizes = {name: len(getattr(manifest.split, name)) for name in ("train", "val", "test")}
     print(f"  {len(dataset)} images from {data_dir} ({dataset.format}); split {sizes}")
     return PreparedData(str(data_dir), manifest.manifest_hash, sizes)
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 # --- Ray: GPU plan, cluster, workers ------------------------------------------------------------
@@ -207,27 +199,27 @@ def check_model_source(config: RunConfig) -> None:
             ) from None
 
 
-def gpu_plan(config: RunConfig, address: str | None) -> Any:
+def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
     """The GPU memory plan (None for the CPU backend); raises before anything loads when no
     worker fits. Call after ``ray.init`` when joining a cluster (its GPUs are read there)."""
-    from orchestrator import gpu_budget as gb
-    from orchestrator import gpu_inventory
+    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import inventory as gpu_inventory
 
     if config.backend.name == "frangi":
         return None
     if config.gpu.inventory:
-        inventory = gb.parse_inventory(config.gpu.inventory)
+        inventory = gpu_inventory.parse_inventory(config.gpu.inventory)
     elif address:
         inventory = gpu_inventory.read_cluster_inventory()
     else:
         inventory = (gpu_inventory.read_local_node(),)
     footprint = gb.footprint_for("sa2va", config.backend.model_size, config.gpu.model_gb)
-    plan = gb.build_plan(inventory, footprint, gb.gb_to_mb(config.gpu.margin_gb))
+    plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(config.gpu.margin_gb))
     plan.require_workers()
     return plan
 
 
-def start_ray(options: RunOptions, plan: Any) -> None:
+def start_ray(options: RunOptions, plan: GpuPlan | None) -> None:
     """Join ``--address`` or start a local Ray bound to 127.0.0.1 (with the plan's resources)."""
     import ray
 
@@ -301,11 +293,11 @@ def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
     return unseen + [folder for folder in folders if not Path(folder).is_dir()]
 
 
-def start_segmentation_workers(config: RunConfig, plan: Any) -> list[str]:
+def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[str]:
     """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers."""
-    from orchestrator import gpu_budget as gb
-    from orchestrator.segmentation_client import WorkerPlacement, start_workers
-    from orchestrator.segmentation_worker import BackendSpec
+    from orchestrator.gpu import budget as gb
+    from orchestrator.inference.pool import WorkerPlacement, start_workers
+    from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
     if plan is None:
@@ -328,11 +320,14 @@ def start_segmentation_workers(config: RunConfig, plan: Any) -> list[str]:
     )
 
 
-def warm_up(client: Any, config: RunConfig, prepared: PreparedData, paths: RunPaths) -> int:
+def warm_up(
+    client: SegmentationClient, config: RunConfig, prepared: PreparedData, paths: RunPaths
+) -> int:
     """Segment every (image, prompt) pair the run will need once, with a progress bar, so the
     trials start on a warm cache. Returns the number of images."""
     from tqdm import tqdm
 
+    from envs.sample import Sample
     from envs.sources import load_samples
 
     rl_cap, net_cap = config.data.max_train_images, config.reward_net.max_images
@@ -341,7 +336,7 @@ def warm_up(client: Any, config: RunConfig, prepared: PreparedData, paths: RunPa
         "val": net_cap,
         "test": config.data.max_eval_images,
     }
-    ids: dict[str, Any] = {}
+    ids: dict[str, Sample] = {}
     for split, cap in splits.items():
         for sample in load_samples(
             prepared.data_dir, split=split, manifest=paths.manifest, max_images=cap
@@ -357,15 +352,16 @@ def run(options: RunOptions) -> int:
     """The whole job; returns the exit code."""
     import ray
 
-    from orchestrator import tuning
-    from orchestrator.segmentation_client import SegmentationClient
+    from orchestrator.inference.client import SegmentationClient
+    from orchestrator.training import tuner as tuning
 
     started = time.monotonic()
     paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
-        print(f"  mode {config.mode}, backend {config.backend.name}, trials {trials_for(config)}")
+        names = [t.name for t in trials_for(config)]
+        print(f"  mode {config.mode}, backend {config.backend.name}, trials {names}")
     with clock.stage("data", "data and split"):
         prepared = prepare_data(config, paths)
     try:
@@ -376,7 +372,7 @@ def run(options: RunOptions) -> int:
                 check_shared_storage(config, paths, prepared)
                 plan = gpu_plan(config, options.address)
             if plan is not None:
-                write_json(paths.root / "gpu_plan.json", plan.to_json())
+                write_json(paths.gpu_plan, plan.to_json())
             workers = start_segmentation_workers(config, plan)
             client = SegmentationClient(workers)
             print(f"  workers {workers}, backend {client.backend_id}")
@@ -384,13 +380,16 @@ def run(options: RunOptions) -> int:
             warm_up(client, config, prepared, paths)
         with clock.stage("tune", "Tune: experiments as concurrent trials"):
             grid = tuning.fit(options, config, paths, prepared, workers, client.backend_id, plan)
+            trials = tuning.outcomes(grid)
         with clock.stage("evaluate", "evaluation on the test split"):
-            from orchestrator import report
+            from orchestrator.evaluation.stage import best_policy_paths, evaluate_run
 
-            report.evaluate_run(config, paths, prepared, client, grid)
+            evaluate_run(config, paths, prepared, client, best_policy_paths(trials))
         with clock.stage("report", "summary and report"):
+            from orchestrator.report import summary as report
+
             facts = report.build_summary(
-                config, prepared, grid, client.stats(), clock.seconds, started, client.backend_id
+                config, prepared, trials, client.stats(), clock.seconds, started, client.backend_id
             )
             write_json(paths.summary, facts)
             # The report is rebuilt from the files just written, exactly as `sa2va-rl report`

@@ -16,17 +16,14 @@ from envs.mask_ops import MaskOpsConfig, MaskState, apply_op
 from envs.sample import Sample
 from models.metrics import mask_metrics
 from models.segmentation import Segmentation
-from orchestrator.evaluation import (
+from orchestrator.evaluation.examples import example_mask_path, pick_examples, read_mask_png
+from orchestrator.evaluation.methods import Evaluator, best_fixed_prompt
+from orchestrator.evaluation.oracles import oracle_postprocess_mask
+from orchestrator.evaluation.per_image import ImageResult
+from orchestrator.evaluation.statistics import (
     Estimate,
-    Evaluator,
-    ImageResult,
-    best_fixed_prompt,
     bootstrap_mean,
-    example_mask_path,
-    oracle_postprocess_mask,
     paired_difference,
-    pick_examples,
-    read_mask_png,
     summarise,
     verdict,
 )

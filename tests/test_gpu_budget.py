@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 
 from models.errors import UserError
-from orchestrator import cli, gpu_inventory
-from orchestrator import gpu_budget as gb
+from orchestrator import cli
+from orchestrator.gpu import budget as gb
+from orchestrator.gpu import inventory as gpu_inventory
 
 BOX = "24:7.5,24:9.5,24:9.6,24:18.3"
-FORMAT = gb.INVENTORY_FORMAT
+FORMAT = gpu_inventory.INVENTORY_FORMAT
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_plan_command_is_registered() -> None:
 
 
 def test_parse_inventory_in_whole_mb() -> None:
-    (node,) = gb.parse_inventory(BOX)
+    (node,) = gpu_inventory.parse_inventory(BOX)
     assert node.node == "node0"
     assert [(g.gpu, g.total_mb, g.used_mb, g.free_mb) for g in node.gpus] == [
         (0, 24576, 7680, 16896),
@@ -67,7 +68,7 @@ def test_parse_inventory_in_whole_mb() -> None:
 
 
 def test_parse_inventory_nodes_and_spaces() -> None:
-    nodes = gb.parse_inventory(" 24:7.5 , 24:9.5 ; 80:0")
+    nodes = gpu_inventory.parse_inventory(" 24:7.5 , 24:9.5 ; 80:0")
     assert [(n.node, [(g.gpu, g.total_mb, g.used_mb) for g in n.gpus]) for n in nodes] == [
         ("node0", [(0, 24576, 7680), (1, 24576, 9728)]),
         ("node1", [(0, 81920, 0)]),
@@ -95,7 +96,7 @@ def test_parse_inventory_nodes_and_spaces() -> None:
 )
 def test_parse_inventory_rejects_bad_tokens(spec: str, message: str) -> None:
     with pytest.raises(UserError) as err:
-        gb.parse_inventory(spec)
+        gpu_inventory.parse_inventory(spec)
     assert str(err.value).startswith(message)
     assert str(err.value).endswith(f"Format: {FORMAT}")
 
@@ -232,7 +233,7 @@ def test_refusal_says_how_far_to_lower_the_margin(plan_cli: Any, capsys: Any) ->
 
 
 def test_sa2va_8b_does_not_fit_the_busy_box_but_4b_does() -> None:
-    inventory = gb.parse_inventory(BOX)
+    inventory = gpu_inventory.parse_inventory(BOX)
     plan = gb.build_plan(inventory, gb.FOOTPRINTS["sa2va-8b"], 1024)
     assert not plan.feasible
     with pytest.raises(gb.PlanError, match="sa2va-8b needs one GPU with 18902 MB free"):
@@ -242,7 +243,7 @@ def test_sa2va_8b_does_not_fit_the_busy_box_but_4b_does() -> None:
 
 def test_input_cap_shrinks_before_the_worker_is_refused() -> None:
     # 9046 (1 tile) fits 10070 - 1024, 9622 (10 tiles at 1024 px) does not.
-    plan = gb.build_plan(gb.parse_inventory("10:0.166"), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(gpu_inventory.parse_inventory("10:0.166"), gb.FOOTPRINTS["sa2va-4b"], 1024)
     (slot,) = plan.all_gpus
     assert (slot.free_mb, slot.input_cap, slot.worker_mb, slot.left_mb) == (10070, 512, 9046, 0)
     assert plan.nodes[0].trial_gpu is None
@@ -263,7 +264,9 @@ def test_frangi_plans_no_workers_and_leaves_memory_to_trials(plan_cli: Any, caps
 
 @pytest.fixture
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    node = gb.NodeInventory("local", (), note="NVML unavailable: NVML Shared Library Not Found")
+    node = gpu_inventory.NodeInventory(
+        "local", (), note="NVML unavailable: NVML Shared Library Not Found"
+    )
     monkeypatch.setattr(gpu_inventory, "read_local_node", lambda: node)
 
 
@@ -320,7 +323,9 @@ def test_ray_start_args(plan_cli: Any, capsys: Any) -> None:
 
 
 def test_local_ray_settings_and_trial_device() -> None:
-    plan = gb.build_plan(gb.parse_inventory("24:20,24:4,24:0"), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(
+        gpu_inventory.parse_inventory("24:20,24:4,24:0"), gb.FOOTPRINTS["sa2va-4b"], 1024
+    )
     node = plan.local_node
     assert node.worker_gpus == (1, 2)
     assert node.env() == {
@@ -347,13 +352,15 @@ def test_local_ray_settings_and_trial_device() -> None:
 
 
 def test_multi_node_plan_has_no_local_init() -> None:
-    plan = gb.build_plan(gb.parse_inventory("24:0;24:0"), gb.FOOTPRINTS["sa2va-1b"], 1024)
+    plan = gb.build_plan(
+        gpu_inventory.parse_inventory("24:0;24:0"), gb.FOOTPRINTS["sa2va-1b"], 1024
+    )
     with pytest.raises(ValueError, match="the plan has 2 nodes"):
         plan.ray_init_kwargs()
 
 
 def test_require_trial_memory() -> None:
-    plan = gb.build_plan(gb.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(gpu_inventory.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
     plan.require_trial_memory(6250)
     with pytest.raises(gb.PlanError) as err:
         plan.require_trial_memory(6251, "reward-net training")
@@ -411,11 +418,11 @@ class FakeNvml:
 def test_read_local_node_with_nvml() -> None:
     nvml = FakeNvml()
     node = gpu_inventory.read_local_node("box", nvml=nvml, environ={})
-    assert node == gb.NodeInventory(
+    assert node == gpu_inventory.NodeInventory(
         "box",
         (
-            gb.GpuInfo(0, 24576, 7680, "NVIDIA A10", "GPU-aaaa-0000"),
-            gb.GpuInfo(1, 24576, 9729, "NVIDIA A10", "GPU-bbbb-1111"),  # used rounds up
+            gpu_inventory.GpuInfo(0, 24576, 7680, "NVIDIA A10", "GPU-aaaa-0000"),
+            gpu_inventory.GpuInfo(1, 24576, 9729, "NVIDIA A10", "GPU-bbbb-1111"),  # used rounds up
         ),
     )
     assert nvml.shutdowns == 1
@@ -435,6 +442,6 @@ def test_read_local_node_honours_cuda_visible_devices(visible: str, gpus: list[i
 
 def test_read_local_node_without_driver() -> None:
     node = gpu_inventory.read_local_node(nvml=FakeNvml(fail=True))
-    assert node == gb.NodeInventory(
+    assert node == gpu_inventory.NodeInventory(
         "local", (), note="NVML unavailable: NVML Shared Library Not Found"
     )

@@ -25,8 +25,8 @@ ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from orchestrator import gpu_budget as gb  # noqa: E402
-from orchestrator import gpu_inventory  # noqa: E402
+from orchestrator.gpu import budget as gb  # noqa: E402
+from orchestrator.gpu import inventory as gpu_inventory  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -44,7 +44,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[gb.GpuPlan, list[str]]]:
-    plan = gb.build_plan(gb.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
     assert [n.gpu_mem_mb for n in plan.nodes] == [9834, 1642]
     assert [n.cuda_visible_devices for n in plan.nodes] == ["1,0", "0,1"]
     local = Cluster()

@@ -16,15 +16,15 @@ import pytest
 from fakes import FakeBackendFactory, FakeSegmenter, fake_answer, random_image, read_events
 
 from models.segmentation import Segmentation, image_digest
-from orchestrator.inference_cache import (
+from orchestrator.inference.cache import (
     CacheKey,
     InferenceCache,
     MemoryLRU,
     canonical,
     encode_entry,
 )
-from orchestrator.inference_stats import aggregate_stats, percentile
-from orchestrator.segmentation_worker import (
+from orchestrator.inference.stats import aggregate_stats, percentile
+from orchestrator.inference.worker import (
     BackendSpec,
     SegmentationOutOfMemoryError,
     SegmentationWorker,
@@ -201,7 +201,7 @@ def test_corrupt_entry_is_deleted_counted_and_reported(
     InferenceCache(tmp_path).put(key, _seg(0))
     damage(path)  # type: ignore[operator]
     cache = InferenceCache(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.inference_cache"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.inference.cache"):
         assert cache.get(key, (16, 16)) is None
     assert cache.counters()["corrupt_entries"] == 1
     assert not path.exists()

@@ -29,10 +29,11 @@ from ray.util.state import list_actors
 from tiny_sa2va import write_tiny_sa2va
 
 from models.errors import UserError
-from orchestrator import gpu_budget as gb
 from orchestrator import pipeline
 from orchestrator.config import CONFIG_DIR, load_config
-from orchestrator.experiments import RunPaths
+from orchestrator.gpu import budget as gb
+from orchestrator.gpu import inventory as gpu_inventory
+from orchestrator.run_dir import RunPaths
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -48,7 +49,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def plan() -> gb.GpuPlan:
-    plan = gb.build_plan(gb.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
     assert [len(node.worker_gpus) for node in plan.nodes] == [2, 2]
     return plan
 

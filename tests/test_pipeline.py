@@ -18,7 +18,7 @@ from tensorboardX.proto import event_pb2
 
 from orchestrator import metric_keys as mk
 from orchestrator.cli import main
-from orchestrator.experiments import RunPaths
+from orchestrator.run_dir import RunPaths
 
 TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
 PPO_TRIALS = {"prompt", "postprocess", "reward_guided"}

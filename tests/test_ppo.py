@@ -12,7 +12,12 @@ import torch
 
 from orchestrator import metric_keys as mk
 from orchestrator.config import CONFIG_DIR, load_config
-from orchestrator.ppo import ExportedPolicy, build_ppo_config, export_policy, flatten_result
+from orchestrator.training.ppo import (
+    ExportedPolicy,
+    build_ppo_config,
+    export_policy,
+    flatten_result,
+)
 
 
 def test_original_hyperparameters_are_set_explicitly() -> None:

@@ -29,17 +29,17 @@ import ray
 from envs.datasets import load_dataset
 from models.metrics import mask_metrics
 from orchestrator import metric_keys as mk
-from orchestrator import report
 from orchestrator.cli import EXIT_USER_ERROR, main
-from orchestrator.evaluation import (
-    METHODS,
-    Estimate,
-    example_mask_path,
-    pick_examples,
-    read_mask_png,
-    verdict,
-)
-from orchestrator.experiments import RunPaths
+from orchestrator.evaluation.examples import example_mask_path, pick_examples, read_mask_png
+from orchestrator.evaluation.methods import METHODS
+from orchestrator.evaluation.per_image import read_rows
+from orchestrator.evaluation.statistics import Estimate, summarise, verdict
+from orchestrator.experiments import RL_METHODS
+from orchestrator.report.markdown import TUNE_SNIPPET, render_report
+from orchestrator.report.plots import PLOT_DPI, PLOT_SIZES
+from orchestrator.report.record import TuneTrial, load_run
+from orchestrator.run_dir import RunPaths
+from orchestrator.training.reward_predictions import read_reward_net_predictions
 
 SINGLE_PROMPT_METHODS = ("baseline", "best_fixed_prompt", "prompt_rl", "reward_rl")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +53,7 @@ def run(smoke_run: Any) -> RunPaths:
 
 @pytest.fixture(scope="module")
 def rows(run: RunPaths) -> list[dict[str, str]]:
-    with (run.eval_dir / report.PER_IMAGE_CSV).open(newline="") as handle:
+    with run.per_image_csv.open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -133,12 +133,10 @@ def test_paired_differences_are_the_mean_per_image_differences(
 def test_example_masks_are_the_final_masks_of_the_picked_images(
     run: RunPaths, rows: list[dict[str, str]]
 ) -> None:
-    base = [
-        r for r in report.read_rows(run.eval_dir / report.PER_IMAGE_CSV) if r.method == "baseline"
-    ]
+    base = [r for r in read_rows(run.per_image_csv) if r.method == "baseline"]
     picks = sorted(set(pick_examples(base).values()))
     dataset = load_dataset(run.synthetic_data)
-    directory = run.eval_dir / report.EXAMPLES_DIR
+    directory = run.examples_dir
     saved = sorted(p.name for p in directory.iterdir())
     assert saved == sorted(example_mask_path(directory, m, i).name for m in METHODS for i in picks)
     for image_id in picks:
@@ -151,7 +149,7 @@ def test_example_masks_are_the_final_masks_of_the_picked_images(
 
 def test_reward_net_predictions_are_the_ones_its_report_measured(run: RunPaths) -> None:
     saved = json.loads(run.reward_net_report.read_text())
-    predictions = report.read_reward_net_predictions(report.reward_net_predictions_path(run))
+    predictions = read_reward_net_predictions(run.reward_net_predictions)
     assert len(predictions.image_ids) == saved["n_val"]
     for j, name in enumerate(("dice", "recall", "precision")):
         mae = float(np.mean(np.abs(predictions.predicted[:, j] - predictions.true[:, j])))
@@ -169,11 +167,11 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_plots_are_pngs_of_their_fixed_size(run: RunPaths) -> None:
-    assert sorted(p.name for p in run.plots.iterdir()) == sorted(report.PLOT_SIZES)
-    for name, (w, h) in report.PLOT_SIZES.items():
+    assert sorted(p.name for p in run.plots.iterdir()) == sorted(PLOT_SIZES)
+    for name, (w, h) in PLOT_SIZES.items():
         assert _png_size(run.plots / name) == (
-            round(w * report.PLOT_DPI),
-            round(h * report.PLOT_DPI),
+            round(w * PLOT_DPI),
+            round(h * PLOT_DPI),
         )
 
 
@@ -242,7 +240,7 @@ def test_report_states_verdicts_that_match_the_summary(run: RunPaths, summary: d
             line,
         ), line
     beats = _section(text, "Verdicts").split("best fixed prompt?**", 1)[1]
-    for method in report.RL_METHODS:
+    for method in RL_METHODS:
         assert f"- {method} " in beats and "Dice vs best_fixed_prompt." in beats
 
 
@@ -262,7 +260,7 @@ def test_report_has_every_section_and_links_every_plot(run: RunPaths) -> None:
         assert f"\n## {title}\n" in text, title
     table = _section(text, "Results on the test split")
     assert all(f"| {m} | 6 | " in table for m in METHODS)
-    for name in report.PLOT_SIZES:
+    for name in PLOT_SIZES:
         assert f"](plots/{name})" in text
     assert "| prompt_rl | " in _section(text, "Ceilings")
     assert "| dice | " in _section(text, "Reward network (experiment 3, step 1)")
@@ -270,8 +268,8 @@ def test_report_has_every_section_and_links_every_plot(run: RunPaths) -> None:
 
 
 def test_report_says_plainly_which_trial_failed(run: RunPaths) -> None:
-    record = report.load_run(run.root)
-    failed = report.TuneTrial(
+    record = load_run(run.root)
+    failed = TuneTrial(
         "prompt",
         "ERROR",
         "tune/run_trial_x_prompt",
@@ -284,8 +282,8 @@ def test_report_says_plainly_which_trial_failed(run: RunPaths) -> None:
         rows=[r for r in record.rows if r.method not in ("prompt_rl", "combined")],
         facts={**record.facts, "trials": {**record.facts["trials"], "prompt": "ERROR"}},
     )
-    summaries = report.summarise(record.rows)
-    text = report.render_report(record, {**record.facts}, summaries, {})
+    summaries = summarise(record.rows)
+    text = render_report(record, {**record.facts}, summaries, {})
     assert "- **Trial `prompt` failed** (ERROR): see `tune/run_trial_x_prompt/error.txt`." in text
     assert "- prompt_rl: not evaluated (trial `prompt` is ERROR, no policy)" in text
     assert "| prompt | ERROR | — | — | — | — |" in text
@@ -313,9 +311,9 @@ def test_tune_results_compare_eval_metrics_of_every_ppo_experiment(
 
 
 def test_the_reports_tune_snippet_runs_in_the_run_directory(run: RunPaths) -> None:
-    assert report.TUNE_SNIPPET in run.report.read_text()
+    assert TUNE_SNIPPET in run.report.read_text()
     done = subprocess.run(
-        [sys.executable, "-c", report.TUNE_SNIPPET],
+        [sys.executable, "-c", TUNE_SNIPPET],
         cwd=run.root,
         capture_output=True,
         text=True,

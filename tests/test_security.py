@@ -30,7 +30,7 @@ from models.reward_net import RewardNet, load_checkpoint, save_checkpoint
 from orchestrator import pipeline
 from orchestrator.cli import EXIT_USER_ERROR, main
 from orchestrator.config import CONFIG_DIR, load_config
-from orchestrator.ppo import ExportedPolicy
+from orchestrator.training.ppo import ExportedPolicy
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("orchestrator", "envs", "models", "benchmarks")

@@ -23,14 +23,13 @@ from fakes import FakeBackendFactory, RequestReplayer, fake_answer, random_image
 
 from models.errors import UserError
 from models.segmentation import Segmentation
-from orchestrator.segmentation_client import (
+from orchestrator.inference.client import (
     NAMESPACE,
     SegmentationClient,
     SegmentationWorkerUnavailableError,
-    shutdown_workers,
-    start_workers,
 )
-from orchestrator.segmentation_worker import SegmentationOutOfMemoryError
+from orchestrator.inference.pool import shutdown_workers, start_workers
+from orchestrator.inference.worker import SegmentationOutOfMemoryError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

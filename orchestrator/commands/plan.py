@@ -19,8 +19,8 @@ import json
 import logging
 
 from models.errors import UserError
-from orchestrator import gpu_budget as gb
-from orchestrator import gpu_inventory
+from orchestrator.gpu import budget as gb
+from orchestrator.gpu import inventory as gpu_inventory
 
 DEFAULT_MODEL = "sa2va-4b"
 
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--inventory",
         metavar="SPEC",
-        help=f"declared GPUs instead of reading NVML: {gb.INVENTORY_FORMAT}",
+        help=f"declared GPUs instead of reading NVML: {gpu_inventory.INVENTORY_FORMAT}",
     )
     source.add_argument(
         "--address",
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         else gb.FOOTPRINTS[args.model]
     )
     inventory = _read_inventory(args)
-    plan = gb.build_plan(inventory, footprint, gb.gb_to_mb(args.margin_gb))
+    plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(args.margin_gb))
     if not plan.has_gpus:
         plan.require_workers()  # a GPU backend: PlanError saying no GPU was found
         print(_no_gpu_message(inventory))
@@ -113,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_inventory(args: argparse.Namespace) -> tuple[gb.NodeInventory, ...]:
+def _read_inventory(args: argparse.Namespace) -> tuple[gpu_inventory.NodeInventory, ...]:
     if args.inventory is not None:
-        return gb.parse_inventory(args.inventory)
+        return gpu_inventory.parse_inventory(args.inventory)
     if args.address is None:
         return (gpu_inventory.read_local_node(),)
     import ray
@@ -127,12 +127,12 @@ def _read_inventory(args: argparse.Namespace) -> tuple[gb.NodeInventory, ...]:
         ray.shutdown()
 
 
-def _no_gpu_message(inventory: tuple[gb.NodeInventory, ...]) -> str:
+def _no_gpu_message(inventory: tuple[gpu_inventory.NodeInventory, ...]) -> str:
     notes = "; ".join(f"{n.node}: {n.note}" for n in inventory if n.note)
     return (
         f"No GPU found{f' ({notes})' if notes else ''}. The Frangi backend runs on the CPU and "
         f"needs none: nothing to plan. To plan for GPUs elsewhere, declare them: "
-        f"{gb.INVENTORY_FORMAT}."
+        f"{gpu_inventory.INVENTORY_FORMAT}."
     )
 
 
@@ -159,15 +159,17 @@ def format_plan(plan: gb.GpuPlan) -> str:
 
 
 def _row(g: gb.GpuSlot) -> tuple[str, ...]:
-    assigned = f"{gb.mb_to_gb(g.worker_mb):.1f} @{g.input_cap}px" if g.has_worker else "-"
+    assigned = (
+        f"{gpu_inventory.mb_to_gb(g.worker_mb):.1f} @{g.input_cap}px" if g.has_worker else "-"
+    )
     return (
         g.node,
         str(g.gpu),
-        f"{gb.mb_to_gb(g.total_mb):.1f}",
-        f"{gb.mb_to_gb(g.used_mb):.1f}",
-        f"{gb.mb_to_gb(g.free_mb):.1f}",
+        f"{gpu_inventory.mb_to_gb(g.total_mb):.1f}",
+        f"{gpu_inventory.mb_to_gb(g.used_mb):.1f}",
+        f"{gpu_inventory.mb_to_gb(g.free_mb):.1f}",
         assigned,
-        f"{gb.mb_to_gb(g.left_mb):.1f}",
+        f"{gpu_inventory.mb_to_gb(g.left_mb):.1f}",
         g.note,
     )
 

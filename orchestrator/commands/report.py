@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator import report
+    from orchestrator.report import summary as report
 
     summary = report.rebuild(args.run_dir)
     print(report.comparison_table(summary))

@@ -129,8 +129,8 @@ class _Data(NamedTuple):
 def _prepare_data(config: Any, args: argparse.Namespace, output: Path) -> _Data:
     from envs.datasets import load_dataset
     from envs.split import check_manifest_matches, read_manifest
-    from orchestrator.experiments import RunPaths
     from orchestrator.pipeline import prepare_data
+    from orchestrator.run_dir import RunPaths
 
     if args.manifest is None:
         prepared = prepare_data(config, RunPaths(output))
@@ -157,7 +157,7 @@ def _examples(config: Any, data: _Data, segmenter: Any) -> dict[str, list[Any]]:
     from tqdm import tqdm
 
     from envs.sources import spread
-    from orchestrator.reward_training import examples_for
+    from orchestrator.training.reward_net import examples_for
 
     cfg = config.reward_net
     out = {}
@@ -178,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     from models.reward_net import save_checkpoint
     from models.segmentation import MemoSegmenter
     from orchestrator.config import CONFIG_DIR, config_to_dict, load_config
-    from orchestrator.pipeline import backend_spec, write_json
-    from orchestrator.reward_training import fit
+    from orchestrator.pipeline import backend_spec
+    from orchestrator.run_dir import write_json
+    from orchestrator.training.reward_net import fit
 
     started = time.monotonic()
     config = load_config(args.config or CONFIG_DIR / "quick.yaml", _overrides(args))

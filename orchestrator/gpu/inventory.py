@@ -9,13 +9,81 @@ the node comes back with no GPUs and a ``note`` saying why, never an exception.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from orchestrator.gpu_budget import GpuInfo, NodeInventory
+from models.errors import UserError
 
 BYTES_PER_MB = 2**20
+MB_PER_GB = 1024
+INVENTORY_FORMAT = (
+    "GPUs as TOTAL:USED in GB, ',' between GPUs, ';' between nodes, "
+    "e.g. --inventory '24:7.5,24:9.5;24:0'"
+)
+
+
+def gb_to_mb(gb: float) -> int:
+    """Whole MB (MiB) in ``gb`` GB (GiB)."""
+    return round(gb * MB_PER_GB)
+
+
+def mb_to_gb(mb: int) -> float:
+    """GB (GiB) in ``mb`` MB (MiB)."""
+    return mb / MB_PER_GB
+
+
+class GpuInfo(NamedTuple):
+    """One GPU as the inventory saw it (``gpu`` is NVML's index, PCI bus order)."""
+
+    gpu: int
+    total_mb: int
+    used_mb: int
+    name: str = ""
+    uuid: str = ""
+
+    @property
+    def free_mb(self) -> int:
+        return max(0, self.total_mb - self.used_mb)
+
+
+@dataclass(frozen=True)
+class NodeInventory:
+    """The GPUs of one node; ``note`` says why there are none when NVML found none."""
+
+    node: str
+    gpus: tuple[GpuInfo, ...]
+    note: str = ""
+
+
+def parse_inventory(spec: str) -> tuple[NodeInventory, ...]:
+    """Parse ``--inventory``: ``TOTAL:USED`` in GB per GPU, ``,`` between GPUs, ``;`` between
+    nodes. Nodes are named ``node0``, ``node1``, ... Raises UserError naming the bad token."""
+    nodes = []
+    for n, node_spec in enumerate(spec.split(";")):
+        if not node_spec.strip():
+            raise UserError(f"--inventory {spec!r}: node {n} is empty. Format: {INVENTORY_FORMAT}")
+        gpus = tuple(_parse_gpu(tok, n, i, spec) for i, tok in enumerate(node_spec.split(",")))
+        nodes.append(NodeInventory(f"node{n}", gpus))
+    return tuple(nodes)
+
+
+def _parse_gpu(token: str, node: int, index: int, spec: str) -> GpuInfo:
+    where = f"--inventory {spec!r}: GPU entry {token.strip()!r} (node {node}, GPU {index})"
+    parts = token.split(":")
+    if len(parts) != 2:
+        raise UserError(f"{where} is not TOTAL:USED. Format: {INVENTORY_FORMAT}")
+    try:
+        total_gb, used_gb = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise UserError(f"{where} has a non-number. Format: {INVENTORY_FORMAT}") from None
+    if not (0 < total_gb < math.inf and 0 <= used_gb <= total_gb):
+        raise UserError(
+            f"{where}: need TOTAL > 0 and 0 <= USED <= TOTAL (GB). Format: {INVENTORY_FORMAT}"
+        )
+    return GpuInfo(index, gb_to_mb(total_gb), gb_to_mb(used_gb))
 
 
 def load_nvml() -> Any:

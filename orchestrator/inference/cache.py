@@ -16,10 +16,11 @@ returned, so no result depends on how warm the cache was; float16 would halve th
 make a disk hit differ from the computed answer), the score, the flags and a sha256 checksum
 over all of them plus the key. Entries are not deflated: the noisy low mantissa bits of float32
 probabilities leave ~12% to gain, for ~30 ms more per write and ~4 ms more per read of a 512x512
-entry (about 1.06 MB on disk). Files are written to a unique temp file, fsync'ed and moved
-into place with ``os.replace``, so concurrent writers (also on NFS-like storage) and crashes leave
-either the old or the new complete file. A torn or corrupt entry (bad zip, checksum mismatch,
-wrong key or shape) is logged, counted, deleted and reported as a miss, never returned.
+entry (about 1.06 MB on disk). Files are written with :func:`orchestrator.run_dir.write_bytes`
+(a unique temp file, fsync, ``os.replace``), so concurrent writers (also on NFS-like storage)
+and crashes leave either the old or the new complete file. A torn or corrupt entry (bad zip,
+checksum mismatch, wrong key or shape) is logged, counted, deleted and reported as a miss,
+never returned.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import json
 import logging
 import os
 import threading
-import uuid
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from models.segmentation import Segmentation
+from orchestrator import run_dir
 
 log = logging.getLogger(__name__)
 
@@ -317,28 +318,11 @@ class InferenceCache:
             return
         label = self.root / key.backend_dir / "BACKEND_ID.txt"
         if not label.exists():
-            label.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(label, (key.backend_id + "\n").encode())
+            run_dir.write_bytes(label, (key.backend_id + "\n").encode())
         self._labelled.add(key.backend_dir)
 
 
 def _atomic_write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, buffer.getvalue())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a unique temp file in the same directory, fsync, then rename over ``path``:
-    readers see the old file or the complete new one, never a partial one."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    run_dir.write_bytes(path, buffer.getvalue())

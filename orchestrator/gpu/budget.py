@@ -2,11 +2,11 @@
 
 Ray counts GPUs, not GPU memory, and Ray 2.60 ships no GPU-memory resource. So the orchestrator
 plans memory itself, from an inventory (per node and GPU: total and used memory, read with NVML
-by :mod:`orchestrator.gpu_inventory` or declared as ``--inventory``) and a footprint table:
+by :mod:`orchestrator.gpu.inventory` or declared as ``--inventory``) and a footprint table:
 
 1. at most one segmentation worker per GPU, on every GPU where its weights, its activations at
    the smallest input cap and the safety margin fit in the free memory; its ``input_cap``
-   (longest image side, the cap :class:`orchestrator.segmentation_worker.SegmentationWorker`
+   (longest image side, the cap :class:`orchestrator.inference.worker.SegmentationWorker`
    halves on CUDA OOM) is the largest step of ``1024, 512, 256`` whose activations still fit;
 2. per node, the GPU with the most memory left after that is the *trial GPU*: its left-over
    memory is published to Ray as the custom resource ``gpu_mem_mb``, which GPU-using Tune trials
@@ -39,11 +39,18 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from models.errors import UserError
+from orchestrator.gpu.inventory import (
+    INVENTORY_FORMAT,
+    MB_PER_GB,
+    GpuInfo,
+    NodeInventory,
+    gb_to_mb,
+    mb_to_gb,
+)
 
-MB_PER_GB = 1024
 GPU_MEM_RESOURCE = "gpu_mem_mb"
 """Ray custom resource: MB of GPU memory left for trials on the node's trial GPU."""
 WORKER_SLOT_RESOURCE = "sa2va_worker_slot"
@@ -51,10 +58,6 @@ WORKER_SLOT_RESOURCE = "sa2va_worker_slot"
 TRIAL_GPU_ENV = "SA2VA_TRIAL_GPU"
 """Environment variable naming (by NVML index) the GPU whose memory ``gpu_mem_mb`` counts."""
 DEFAULT_MARGIN_GB = 1.0
-INVENTORY_FORMAT = (
-    "GPUs as TOTAL:USED in GB, ',' between GPUs, ';' between nodes, "
-    "e.g. --inventory '24:7.5,24:9.5;24:0'"
-)
 
 INPUT_CAPS = (1024, 512, 256)
 """Worker input caps tried in order (longest image side, px): the worker's OOM back-off halves
@@ -137,16 +140,6 @@ REWARD_NET_TRAIN_MB = (
 )
 
 
-def gb_to_mb(gb: float) -> int:
-    """Whole MB (MiB) in ``gb`` GB (GiB)."""
-    return round(gb * MB_PER_GB)
-
-
-def mb_to_gb(mb: int) -> float:
-    """GB (GiB) in ``mb`` MB (MiB)."""
-    return mb / MB_PER_GB
-
-
 def custom_footprint(model_gb: float) -> Footprint:
     """``--model-gb``: ``model_gb`` is all one worker holds (weights and activations, e.g. as
     measured with nvidia-smi); the margin comes on top. No per-tile figure, so the input cap
@@ -168,57 +161,6 @@ def footprint_for(backend: str, model_size: str = "4B", model_gb: float | None =
             f"known: {', '.join(SEGMENTER_MODELS)}"
         )
     return FOOTPRINTS[key]
-
-
-class GpuInfo(NamedTuple):
-    """One GPU as the inventory saw it (``gpu`` is NVML's index, PCI bus order)."""
-
-    gpu: int
-    total_mb: int
-    used_mb: int
-    name: str = ""
-    uuid: str = ""
-
-    @property
-    def free_mb(self) -> int:
-        return max(0, self.total_mb - self.used_mb)
-
-
-@dataclass(frozen=True)
-class NodeInventory:
-    """The GPUs of one node; ``note`` says why there are none when NVML found none."""
-
-    node: str
-    gpus: tuple[GpuInfo, ...]
-    note: str = ""
-
-
-def parse_inventory(spec: str) -> tuple[NodeInventory, ...]:
-    """Parse ``--inventory``: ``TOTAL:USED`` in GB per GPU, ``,`` between GPUs, ``;`` between
-    nodes. Nodes are named ``node0``, ``node1``, ... Raises UserError naming the bad token."""
-    nodes = []
-    for n, node_spec in enumerate(spec.split(";")):
-        if not node_spec.strip():
-            raise UserError(f"--inventory {spec!r}: node {n} is empty. Format: {INVENTORY_FORMAT}")
-        gpus = tuple(_parse_gpu(tok, n, i, spec) for i, tok in enumerate(node_spec.split(",")))
-        nodes.append(NodeInventory(f"node{n}", gpus))
-    return tuple(nodes)
-
-
-def _parse_gpu(token: str, node: int, index: int, spec: str) -> GpuInfo:
-    where = f"--inventory {spec!r}: GPU entry {token.strip()!r} (node {node}, GPU {index})"
-    parts = token.split(":")
-    if len(parts) != 2:
-        raise UserError(f"{where} is not TOTAL:USED. Format: {INVENTORY_FORMAT}")
-    try:
-        total_gb, used_gb = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise UserError(f"{where} has a non-number. Format: {INVENTORY_FORMAT}") from None
-    if not (0 < total_gb < math.inf and 0 <= used_gb <= total_gb):
-        raise UserError(
-            f"{where}: need TOTAL > 0 and 0 <= USED <= TOTAL (GB). Format: {INVENTORY_FORMAT}"
-        )
-    return GpuInfo(index, gb_to_mb(total_gb), gb_to_mb(used_gb))
 
 
 @dataclass(frozen=True)

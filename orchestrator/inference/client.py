@@ -1,6 +1,6 @@
-"""The segmentation worker pool: ``start_workers``/``shutdown_workers`` and ``SegmentationClient``.
+"""The client of the segmentation worker pool: ``SegmentationClient``.
 
-Typical use (driver)::
+Typical use (driver; ``start_workers`` is in :mod:`orchestrator.inference.pool`)::
 
     names = start_workers(2, BackendSpec("frangi"), cache_dir="~/.cache/sa2va_rl/segmentations")
     client = SegmentationClient(names)        # picklable: hand it to envs via env_config
@@ -22,202 +22,26 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import RayActorError
 
 from models.errors import UserError
 from models.segmentation import Segmentation, image_digest
-from orchestrator.inference_cache import DEFAULT_MEMORY_BYTES
-from orchestrator.inference_stats import aggregate_stats
-from orchestrator.segmentation_worker import (
-    DEFAULT_MIN_INPUT_CAP,
-    BackendFactory,
-    SegmentationWorker,
-    check_image,
-    describe_factory,
-)
+from orchestrator.inference.stats import aggregate_stats
+from orchestrator.inference.worker import check_image
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "sa2va_rl"
-WORKER_NAME_PREFIX = "segmentation-worker"
-DEFAULT_MAX_CONCURRENCY = 8
-"""Requests inside one worker at once: cache hits are served while another request holds the
-model; the model itself still runs one request at a time."""
-
-# Ray destroys a non-detached actor once no handle to it is left, even a named one: the process
-# that started the pool keeps its handles here until shutdown_workers.
-# Keyed by the Ray session too: a handle from an earlier ray.init in this process is dead and
-# must not stand in for a new worker of the same name.
-_POOL_HANDLES: dict[tuple[str, str, str], Any] = {}
-
-
-def _session() -> str:
-    context = ray.get_runtime_context()
-    return f"{context.gcs_address}/{context.get_node_id()}"
-
-
-@dataclass(frozen=True)
-class WorkerPlacement:
-    """How one worker runs, as the GPU plan decides it.
-
-    Attributes:
-        num_gpus: 1 pins the worker to a whole GPU (Ray sets ``CUDA_VISIBLE_DEVICES``), 0 for CPU.
-        num_cpus: logical CPUs the worker reserves. 0 by default: on a 2-CPU machine a worker
-            holding a CPU would leave a single one for all trials; the price is that the
-            worker's forward passes compete with the trials for the real cores (with a GPU
-            backend the worker mostly waits on the GPU, so little is lost).
-        input_cap: the backend's initial longest-side cap in pixels, or ``None``.
-        resources: extra Ray resources to request (e.g. ``{"gpu_mem_mb": 15000}``).
-        options: further ``Actor.options`` (e.g. ``scheduling_strategy``).
-    """
-
-    num_gpus: int = 0
-    num_cpus: float = 0.0
-    input_cap: int | None = None
-    resources: Mapping[str, float] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
+"""The Ray namespace of the worker pool."""
 
 
 class SegmentationWorkerUnavailableError(RuntimeError):
     """A worker did not answer within the client's retry budget, or does not exist."""
-
-
-def worker_names(n: int, prefix: str = WORKER_NAME_PREFIX) -> list[str]:
-    """The names of a pool of ``n`` workers: ``<prefix>-0`` ... ``<prefix>-<n-1>``."""
-    return [f"{prefix}-{i}" for i in range(n)]
-
-
-def start_workers(
-    n: int,
-    backend_factory: BackendFactory,
-    cache_dir: str | Path | None,
-    num_gpus_per_worker: int = 0,
-    *,
-    placements: Sequence[WorkerPlacement] | None = None,
-    memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
-    min_input_cap: int = DEFAULT_MIN_INPUT_CAP,
-    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-    detached: bool = False,
-    namespace: str = NAMESPACE,
-    name_prefix: str = WORKER_NAME_PREFIX,
-    ready_timeout_s: float = 600.0,
-) -> list[str]:
-    """Start (or reuse, by name) ``n`` segmentation workers and wait until their backends loaded.
-
-    Args:
-        n: number of workers.
-        backend_factory: picklable zero-argument callable building the backend inside each
-            worker (e.g. :class:`orchestrator.segmentation_worker.BackendSpec`).
-        cache_dir: the disk cache (shared by workers and runs); ``None`` keeps results in memory.
-        num_gpus_per_worker: 0 or 1, used when ``placements`` is not given. Workers reserve
-            no CPU unless a placement says so (see :class:`WorkerPlacement`).
-        placements: one :class:`WorkerPlacement` per worker (from the GPU plan).
-        detached: keep the workers after this driver exits (resumable runs). By default they
-            live as long as the process that called this (it keeps their handles) or until
-            :func:`shutdown_workers`.
-        memory_cache_bytes: each worker's memory LRU bound (a 512x512 result is ~1.3 MB).
-        min_input_cap: floor of the OOM back-off, in pixels of the longest side.
-        max_concurrency: requests inside one worker at once (the model still runs one).
-        ready_timeout_s: how long to wait for all backends to load.
-
-    Returns the worker names, for :class:`SegmentationClient` and :func:`shutdown_workers`.
-    Existing workers of the same name are reused (``get_if_exists``); if they were started with
-    another backend factory this raises :class:`UserError`.
-    """
-    plan = _placements(n, num_gpus_per_worker, placements)
-    cache = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
-    names = worker_names(n, name_prefix)
-    actor_class = ray.remote(SegmentationWorker)
-    handles = []
-    for name, place in zip(names, plan, strict=True):
-        options = dict(
-            name=name,
-            namespace=namespace,
-            get_if_exists=True,
-            lifetime="detached" if detached else None,
-            max_restarts=-1,
-            max_task_retries=-1,
-            max_concurrency=max_concurrency,
-            num_cpus=place.num_cpus,
-            num_gpus=place.num_gpus,
-            resources=dict(place.resources) or None,
-            **dict(place.options),
-        )
-        handles.append(
-            actor_class.options(**options).remote(
-                name,
-                backend_factory,
-                cache,
-                memory_cache_bytes=memory_cache_bytes,
-                input_cap=place.input_cap,
-                min_input_cap=min_input_cap,
-            )
-        )
-    session = _session()
-    for stale in [key for key in _POOL_HANDLES if key[0] != session]:
-        del _POOL_HANDLES[stale]
-    for name, handle in zip(names, handles, strict=True):
-        # Keep the first (owning) handle: dropping it would destroy a reused worker.
-        _POOL_HANDLES.setdefault((session, namespace, name), handle)
-    _wait_ready(names, handles, describe_factory(backend_factory), ready_timeout_s)
-    return names
-
-
-def shutdown_workers(names: Sequence[str], namespace: str = NAMESPACE) -> None:
-    """Kill the named workers for good (no restart); names that no longer exist are skipped."""
-    for name in names:
-        _POOL_HANDLES.pop((_session(), namespace, name), None)
-        try:
-            handle = ray.get_actor(name, namespace=namespace)
-        except ValueError:
-            continue
-        ray.kill(handle, no_restart=True)
-
-
-def _placements(
-    n: int, num_gpus: int, placements: Sequence[WorkerPlacement] | None
-) -> list[WorkerPlacement]:
-    if n < 1:
-        raise UserError(f"segmentation workers: n={n}; start at least one worker")
-    if placements is None:
-        if num_gpus not in (0, 1):
-            raise UserError(
-                f"segmentation workers: num_gpus_per_worker={num_gpus}; use 0 (CPU) or 1 "
-                "(one whole GPU per worker: a Sa2VA replica does not share a card well)"
-            )
-        return [WorkerPlacement(num_gpus=num_gpus) for _ in range(n)]
-    if len(placements) != n:
-        raise UserError(f"segmentation workers: n={n} but {len(placements)} placements given")
-    for i, place in enumerate(placements):
-        if place.num_gpus not in (0, 1):
-            raise UserError(f"segmentation worker {i}: num_gpus={place.num_gpus}; use 0 or 1")
-    return list(placements)
-
-
-def _wait_ready(names: list[str], handles: list[Any], factory: str, timeout_s: float) -> None:
-    refs = [h.factory_description.remote() for h in handles]
-    try:
-        described = ray.get(refs, timeout=timeout_s)
-    except GetTimeoutError:
-        raise UserError(
-            f"segmentation workers {names} did not load their backend within {timeout_s:.0f} s. "
-            "Check that the planned resources exist (`ray status`: GPUs, custom resources) and "
-            "the worker logs; raise ready_timeout_s for slow model loads."
-        ) from None
-    for name, found in zip(names, described, strict=True):
-        if found != factory:
-            raise UserError(
-                f"segmentation worker {name!r} already exists with backend {found}, not "
-                f"{factory}. Stop it with shutdown_workers([{name!r}]) (or `ray kill`), or "
-                "start the new pool under another name_prefix."
-            )
 
 
 class SegmentationClient:
@@ -226,7 +50,7 @@ class SegmentationClient:
     Picklable: it holds worker names, not handles, and resolves handles lazily in whichever
     process uses it. Returned arrays are read-only (shared with the memo and Ray's object
     store): copy before modifying a mask in place. Errors of one request (e.g.
-    :class:`~orchestrator.segmentation_worker.SegmentationOutOfMemoryError`) are raised to its
+    :class:`~orchestrator.inference.worker.SegmentationOutOfMemoryError`) are raised to its
     caller; the worker keeps serving.
 
     Args:

@@ -9,14 +9,21 @@ OOM next to a Sa2VA worker.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
 
-from orchestrator.config import RunConfig, config_to_dict
-from orchestrator.experiments import TUNE_EXPERIMENT, RunPaths, trials_for
-from orchestrator.trainable import run_trial
+from orchestrator.config import RunConfig
+from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
+from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
+from orchestrator.training.trainable import run_trial
+
+if TYPE_CHECKING:
+    from orchestrator.gpu.budget import GpuPlan
+    from orchestrator.pipeline import PreparedData, RunOptions
 
 MAX_FAILURES = 2
 """Retries of a failed trial (from its last checkpoint) before it is reported as errored."""
@@ -28,9 +35,11 @@ def trial_cpus(n_trials: int) -> float:
     return max(0.1, min(1.0, round(total / n_trials, 2)))
 
 
-def resources_for(cpus: float, plan: Any) -> Any:
+def resources_for(
+    cpus: float, plan: GpuPlan | None
+) -> Callable[[dict[str, Any]], dict[str, float]]:
     """Per-trial resource request (a function of the trial's config, as Tune allows)."""
-    from orchestrator import gpu_budget as gb
+    from orchestrator.gpu import budget as gb
 
     gpu_mb = 0
     if plan is not None and any(node.gpu_mem_mb for node in plan.nodes):
@@ -38,7 +47,7 @@ def resources_for(cpus: float, plan: Any) -> Any:
         gpu_mb = gb.REWARD_NET_TRAIN_MB
 
     def request(config: dict[str, Any]) -> dict[str, float]:
-        if config["trial"] == "reward_net" and gpu_mb:
+        if trial(config["trial"]).uses_gpu and gpu_mb:
             return gb.trial_resources(gpu_mb, cpus=cpus)
         return {"cpu": cpus}
 
@@ -46,28 +55,35 @@ def resources_for(cpus: float, plan: Any) -> Any:
 
 
 def fit(
-    options: Any,
+    options: RunOptions,
     config: RunConfig,
     paths: RunPaths,
-    prepared: Any,
+    prepared: PreparedData,
     workers: list[str],
     backend_id: str,
-    plan: Any,
+    plan: GpuPlan | None,
 ) -> tune.ResultGrid:
     """Run (or, with ``--resume``, continue) all trials; returns Tune's ResultGrid."""
     trials = trials_for(config)
     cpus = trial_cpus(len(trials))
-    trainable = tune.with_resources(run_trial, resources_for(cpus, plan))
-    param_space = {
-        "trial": tune.grid_search(trials),
-        "run": config_to_dict(config),
-        "root": str(paths.root),
-        "workers": workers,
-        "data_dir": prepared.data_dir,
-        "backend_id": backend_id,
-        "manifest_hash": prepared.manifest_hash,
-    }
-    print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(trials)}")
+    # Tune also accepts a function returning a resource dict (its stub names only PGFs).
+    trainable = tune.with_resources(run_trial, resources_for(cpus, plan))  # type: ignore[arg-type]
+    specs = [
+        TrialSpec(
+            trial=t,
+            run=config,
+            root=str(paths.root),
+            workers=tuple(workers),
+            backend_id=backend_id,
+            data_dir=prepared.data_dir,
+            manifest_hash=prepared.manifest_hash,
+        ).to_param()
+        for t in trials
+    ]
+    # Tune's one edge: the specs differ only in "trial", which Tune grid-searches.
+    param_space = {**specs[0], "trial": tune.grid_search([s["trial"] for s in specs])}
+    names = [t.name for t in trials]
+    print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
         print(f"  resuming the Tune experiment in {paths.tune_dir}")
         tuner = tune.Tuner.restore(
@@ -97,7 +113,23 @@ def fit(
     return tuner.fit()
 
 
-def trial_label(trial: Any) -> str:
+def outcomes(grid: tune.ResultGrid) -> list[TrialOutcome]:
+    """Every trial of Tune's ResultGrid as the later stages read it."""
+    found = []
+    for index in range(len(grid)):
+        result = grid[index]
+        checkpoint = result.checkpoint
+        found.append(
+            TrialOutcome(
+                name=str((result.config or {})["trial"]),
+                status="ERROR" if result.error is not None else "TERMINATED",
+                checkpoint=None if checkpoint is None else Path(checkpoint.path),
+            )
+        )
+    return found
+
+
+def trial_label(tune_trial: Any) -> str:
     """``prompt_1c4cd_00000``: trials are recognisable by experiment in Tune's table, the
     dashboard and the run directory."""
-    return f"{trial.config['trial']}_{trial.trial_id}"
+    return f"{tune_trial.config['trial']}_{tune_trial.trial_id}"

@@ -2,12 +2,12 @@
 
 One worker per planned GPU (``num_gpus=1``, so Ray pins the device) or a configured number on a
 CPU machine; every trial, experiment and the evaluation share them through
-:class:`orchestrator.segmentation_client.SegmentationClient`, which also starts them
+:class:`orchestrator.inference.client.SegmentationClient`, which also starts them
 (``start_workers``). This module holds the actor body; it runs without Ray too (the stats are
 then not exported), which keeps it testable in-process.
 
 Per request: look the (backend id, image, prompt) key up in the memory LRU, then on disk
-(:mod:`orchestrator.inference_cache`); only on a miss take the model lock and run the backend.
+(:mod:`orchestrator.inference.cache`); only on a miss take the model lock and run the backend.
 The actor is threaded (``max_concurrency`` > 1) so cache hits never wait behind another trial's
 forward pass, but the lock lets exactly one model call run at a time (Sa2VA's
 ``predict_forward`` mutates model state and cannot batch images). A request that waited for the
@@ -40,13 +40,14 @@ import numpy as np
 
 from models.errors import UserError
 from models.segmentation import Segmentation, Segmenter, image_digest
-from orchestrator.inference_cache import (
+from orchestrator import run_dir
+from orchestrator.inference.cache import (
     DEFAULT_MEMORY_BYTES,
     CacheHit,
     CacheKey,
     InferenceCache,
 )
-from orchestrator.inference_stats import WorkerStats
+from orchestrator.inference.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +331,7 @@ def _record_incarnation(name: str, cache_dir: str | None) -> tuple[int, bool]:
     except (OSError, ValueError):
         previous = 0
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(str(previous + 1))
-        os.replace(tmp, path)
+        run_dir.write_text(path, str(previous + 1))
     except OSError as err:
         log.warning("%s: cannot record the restart count in %s: %s", name, path, err)
     with warnings.catch_warnings():

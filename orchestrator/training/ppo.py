@@ -12,6 +12,7 @@ RLlib: evaluation needs no pickled RLlib objects.
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
 from models.errors import UserError
 from orchestrator import metric_keys as mk
+from orchestrator import run_dir
 from orchestrator.config import PpoConfig
 
 POLICY_FORMAT_VERSION = 1
@@ -98,12 +100,11 @@ def flatten_result(result: dict[str, Any]) -> dict[str, float]:
 def export_policy(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
     """Save the policy network (encoder + head) as a plain state dict with ``metadata``."""
     state = {k: v.detach().cpu() for k, v in module.state_dict().items() if _POLICY_LAYER.match(k)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    buffer = io.BytesIO()
     torch.save(
-        {"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, tmp
+        {"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, buffer
     )
-    tmp.replace(path)
+    run_dir.write_bytes(path, buffer.getvalue())
     return path
 
 

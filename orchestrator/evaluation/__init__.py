@@ -1,0 +1,1 @@
+"""Evaluation: the methods, the oracles, statistics, the per-image results and the stage."""

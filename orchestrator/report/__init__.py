@@ -1,0 +1,1 @@
+"""The report: reading a finished run, summary.json, report.md and the plots."""

@@ -1,0 +1,398 @@
+"""The text of ``report.md``: which experiment improves Dice and Recall, and is it real."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator import metric_keys as mk
+from orchestrator.evaluation.statistics import (
+    Estimate,
+    MethodSummary,
+    best_method,
+    ordered,
+    verdict,
+)
+from orchestrator.experiments import PPO_TRIALS, RL_METHODS
+from orchestrator.report.record import RunRecord
+
+TARGET = {"dice": 0.85, "recall": 0.85}
+"""The users' goal (SEEDS.md): Dice and Recall of at least 0.85."""
+
+
+def _ci(e: Estimate) -> str:
+    return f"{e.mean:.3f} [{e.low:.3f}, {e.high:.3f}]"
+
+
+def _diff(e: Estimate) -> str:
+    return f"{e.mean:+.3f} [{e.low:.3f}, {e.high:.3f}]"
+
+
+def render_report(
+    record: RunRecord,
+    summary: dict[str, Any],
+    summaries: Mapping[str, MethodSummary],
+    plots: Mapping[str, str | None],
+) -> str:
+    """The text of ``report.md``."""
+    sections = [
+        _header(record, summary, summaries),
+        _in_short(summaries),
+        _results_table(summaries),
+        _verdicts(record, summaries),
+        _goal(summaries),
+        _ceilings(summaries),
+        _reward_net_section(record),
+        _trials_section(record),
+        _tune_snippet(),
+        _inference_section(summary),
+        _stages_section(summary),
+        _plots_section(plots),
+    ]
+    return "\n\n".join(s.rstrip("\n") for s in sections) + "\n"
+
+
+def _data_line(record: RunRecord) -> str:
+    data = record.facts.get("data") or {}
+    if record.config.data.path is None:
+        return "built-in synthetic angiograms (`data/` in this run directory)"
+    return f"`{data.get('path', record.config.data.path)}`"
+
+
+def _header(
+    record: RunRecord, summary: dict[str, Any], summaries: Mapping[str, MethodSummary]
+) -> str:
+    splits = summary["splits"]
+    lines = [
+        f"# sa2va-rl run: {summary['mode']} mode, {summary['backend']} backend",
+        "",
+        f"- **Data**: {_data_line(record)}",
+        f"- **Splits** (images, split by video): train {splits['train']}, val {splits['val']}, "
+        f"test {splits['test']}; {_images_line(record, splits['test'])}",
+        f"- **Backend id**: `{summary.get('backend_id')}`",
+        f'- **Baseline**: the default prompt "{record.config.env.default_prompt}", '
+        "no post-processing",
+    ]
+    fixed = [r.detail for r in record.rows if r.method == "best_fixed_prompt"]
+    if fixed:
+        lines.append(f'- **best_fixed_prompt**: "{fixed[0]}" (best mean Dice on the train split)')
+    lines.append(
+        "- Per-image results: `eval/per_image.csv`; means with 95% bootstrap CIs (2,000 "
+        "resamples); differences are paired (same images)"
+    )
+    return "\n".join(lines)
+
+
+def _images_line(record: RunRecord, n_test: int) -> str:
+    ids: dict[str, set[str]] = {}
+    for row in record.rows:
+        ids.setdefault(row.method, set()).add(row.image_id)
+    if len({frozenset(v) for v in ids.values()}) > 1:
+        return "**the methods were evaluated on different images**: compare with care"
+    n = len(next(iter(ids.values()), set()))
+    if n < n_test:
+        return (
+            f"every method is evaluated on the same {n} of the {n_test} test images "
+            "(capped by data.max_eval_images)"
+        )
+    return f"every method is evaluated on the same {n} test images"
+
+
+def _in_short(summaries: Mapping[str, MethodSummary]) -> str:
+    """The answer to "which experiment improves Dice and Recall, and is it real?"."""
+
+    def significant(reference: str, metric: str) -> list[str]:
+        return [
+            m
+            for m in RL_METHODS
+            if m in summaries
+            and reference in summaries[m].paired
+            and verdict(summaries[m].paired[reference][metric]) == "better"
+        ]
+
+    def names(methods: list[str]) -> str:
+        return ", ".join(methods) if methods else "none"
+
+    lines = ["## In short", ""]
+    if "baseline" in summaries:
+        lines.append(
+            f"- RL methods significantly better than the baseline on Dice: "
+            f"{names(significant('baseline', 'dice'))}; on Recall: "
+            f"{names(significant('baseline', 'recall'))}"
+        )
+    if "best_fixed_prompt" in summaries:
+        lines.append(
+            "- RL methods significantly better than the best fixed prompt on Dice: "
+            f"{names(significant('best_fixed_prompt', 'dice'))}"
+        )
+    if "baseline" in summaries:
+        best = best_method(summaries)
+        dice = summaries[best].metrics["dice"].mean
+        lines.append(f"- Highest mean Dice without ground truth: {best} ({dice:.3f})")
+    return "\n".join(lines)
+
+
+def _results_table(summaries: Mapping[str, MethodSummary]) -> str:
+    lines = [
+        "## Results on the test split",
+        "",
+        "Mean [95% CI] per method.",
+        "",
+        "| method | n | Dice | Recall | Precision | IoU |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for s in ordered(summaries):
+        m = s.metrics
+        lines.append(
+            f"| {s.method} | {s.n} | {_ci(m['dice'])} | {_ci(m['recall'])} | "
+            f"{_ci(m['precision'])} | {_ci(m['iou'])} |"
+        )
+    return "\n".join(lines)
+
+
+def _missing_methods(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> list[str]:
+    status = record.facts["trials"]
+    lines = []
+    for trial, method in ((t.name, t.method) for t in PPO_TRIALS):
+        if method not in summaries and trial in status:
+            lines.append(
+                f"- {method}: not evaluated (trial `{trial}` is {status[trial]}, no policy)"
+            )
+    return lines
+
+
+def _verdicts(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> str:
+    lines = [
+        "## Verdicts",
+        "",
+        "Paired difference to the baseline (method minus baseline, per image) with its 95% CI; "
+        "a difference is significant when its CI excludes 0.",
+        "",
+    ]
+    for s in ordered(summaries):
+        if s.method == "baseline" or "baseline" not in s.paired:
+            continue
+        dice, recall = s.paired["baseline"]["dice"], s.paired["baseline"]["recall"]
+        lines.append(
+            f"- {s.method}: {_diff(dice)} Dice vs baseline — {verdict(dice)}; "
+            f"Recall {_diff(recall)} — {verdict(recall)}"
+        )
+    lines += _missing_methods(record, summaries)
+    lines += ["", "**Does RL beat the best fixed prompt?**", ""]
+    lines += _vs_best_fixed(summaries)
+    return "\n".join(lines)
+
+
+def _vs_best_fixed(summaries: Mapping[str, MethodSummary]) -> list[str]:
+    if "best_fixed_prompt" not in summaries:
+        return ["- best_fixed_prompt was not evaluated."]
+    lines = []
+    for method in RL_METHODS:
+        s = summaries.get(method)
+        if s is None or "best_fixed_prompt" not in s.paired:
+            continue
+        dice = s.paired["best_fixed_prompt"]["dice"]
+        outcome = {
+            "better": "beats it",
+            "worse": "is worse than it",
+            "no significant difference": "does not beat it significantly",
+        }[verdict(dice)]
+        lines.append(f"- {method} {outcome}: {_diff(dice)} Dice vs best_fixed_prompt.")
+    return lines or ["- no RL method was evaluated."]
+
+
+def _goal(summaries: Mapping[str, MethodSummary]) -> str:
+    goal = " and ".join(f"{name.capitalize()} >= {value}" for name, value in TARGET.items())
+    reached = [
+        s.method
+        for s in ordered(summaries)
+        if all(s.metrics[name].mean >= value for name, value in TARGET.items())
+    ]
+    real = [m for m in reached if not m.startswith("oracle")]
+    lines = [f"## Goal: {goal}", ""]
+    if real:
+        lines.append(f"Reached (mean over the test images) by: {', '.join(real)}.")
+    else:
+        lines.append("No non-oracle method reaches the goal (mean over the test images).")
+    candidates = [s for s in ordered(summaries) if not s.method.startswith("oracle")]
+    if candidates:
+        top = max(candidates, key=lambda s: (s.metrics["dice"].mean, s.method))
+        lines.append(
+            f"Highest non-oracle Dice: {top.method}, Dice {top.metrics['dice'].mean:.3f}, "
+            f"Recall {top.metrics['recall'].mean:.3f}."
+        )
+    oracles = [m for m in reached if m.startswith("oracle")]
+    if oracles:
+        lines.append(f"Ceilings that reach it: {', '.join(oracles)}.")
+    return "\n".join(lines)
+
+
+def _ceilings(summaries: Mapping[str, MethodSummary]) -> str:
+    lines = [
+        "## Ceilings",
+        "",
+        "`oracle_prompt` picks the best prompt per image by ground truth; `oracle_postprocess` "
+        "searches every post-processing sequence up to the episode length from the baseline "
+        "mask. Neither can run without ground truth: they say how far prompt choice and "
+        "post-processing *could* go on these images.",
+        "",
+    ]
+    base = summaries.get("baseline")
+    oracles = [o for o in ("oracle_prompt", "oracle_postprocess") if o in summaries]
+    if base is None or not oracles:
+        return "\n".join([*lines, "Not available (baseline or oracles not evaluated)."])
+    base_dice = base.metrics["dice"].mean
+    for o in oracles:
+        e = summaries[o].metrics["dice"]
+        lines.append(f"- {o}: Dice {_ci(e)}, {e.mean - base_dice:+.3f} over the baseline")
+    lines += [
+        "",
+        "Share of the baseline -> ceiling Dice gap each method closes (negative: it moves away):",
+        "",
+        "| method | Dice vs baseline | " + " | ".join(f"of {o} gap" for o in oracles) + " |",
+        "|---|---:|" + "---:|" * len(oracles),
+    ]
+    for method in ("best_fixed_prompt", *RL_METHODS):
+        if method not in summaries:
+            continue
+        gain = summaries[method].metrics["dice"].mean - base_dice
+        cells = []
+        for o in oracles:
+            gap = summaries[o].metrics["dice"].mean - base_dice
+            cells.append(f"{100 * gain / gap:.0f}%" if gap > 1e-9 else "n/a (no gap)")
+        lines.append(f"| {method} | {gain:+.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _reward_net_section(record: RunRecord) -> str:
+    lines = ["## Reward network (experiment 3, step 1)", ""]
+    report = record.reward_net
+    if report is None:
+        return "\n".join([*lines, "No reward network in this run (`reward_net/report.json`)."])
+    lines += [
+        f"Validation on {report['n_val']} (image, mask) examples of the val split, after "
+        f"{report['epochs']} epoch(s) on {report['n_train']} training examples; the mean predictor "
+        "always predicts the training mean (its Pearson and Spearman are 0).",
+        "",
+        "| target | MAE | mean-predictor MAE | Pearson | Spearman | beats the mean predictor |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, t in report["targets"].items():
+        beats = t["mae"] < t["mean_predictor_mae"] and t["spearman"] > 0
+        lines.append(
+            f"| {name} | {t['mae']:.4f} | {t['mean_predictor_mae']:.4f} | {t['pearson']:+.3f} | "
+            f"{t['spearman']:+.3f} | {'yes' if beats else 'no'} |"
+        )
+    dice = report["targets"]["dice"]
+    if dice["mae"] < dice["mean_predictor_mae"] and dice["spearman"] > 0:
+        lines += ["", "On Dice the reward net is better than the mean predictor."]
+    else:
+        lines += [
+            "",
+            "On Dice the reward net does **not** beat the mean predictor (lower MAE and a "
+            "positive Spearman are both needed): `reward_rl` optimises a poor stand-in for "
+            "Dice.",
+        ]
+    return "\n".join(lines)
+
+
+def _trials_section(record: RunRecord) -> str:
+    lines = [
+        "## Trials (Tune)",
+        "",
+        "`eval/dice` and `eval/recall` are each PPO trial's own evaluation of its best policy on "
+        "the same test images (reported into its Tune results).",
+        "",
+        "| trial | status | iterations | env steps | eval/dice | eval/recall |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    errors = []
+    for t in record.trials:
+        cells = [
+            _num(t.last("training_iteration"), "{:.0f}"),
+            _num(t.last(mk.ENV_STEPS), "{:.0f}"),
+            _num(t.last(mk.EVAL_DICE), "{:.3f}"),
+            _num(t.last(mk.EVAL_RECALL), "{:.3f}"),
+        ]
+        lines.append(f"| {t.name} | {t.status} | " + " | ".join(cells) + " |")
+        if t.status == "ERROR":
+            where = f"`{t.error_file}`" if t.error_file else f"`{t.directory}` (no error.txt)"
+            errors.append(f"- **Trial `{t.name}` failed** (ERROR): see {where}.")
+    return "\n".join([*lines, "", *errors] if errors else lines)
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "—" if value is None or math.isnan(value) else fmt.format(value)
+
+
+TUNE_SNIPPET = """\
+from pathlib import Path
+
+from ray import tune
+
+grid = tune.ResultGrid(tune.ExperimentAnalysis(str(Path("tune").resolve())))
+df = grid.get_dataframe()  # one row per trial: its last result
+print(df[["config/trial", "eval/dice", "eval/recall"]].dropna())
+"""
+"""Compares the experiments from Tune's results; runs in the run directory (tested)."""
+
+
+def _tune_snippet() -> str:
+    return "\n".join(
+        [
+            "Compare the experiments yourself from Tune's results (run it in the run directory; "
+            "Tune wants an absolute path):",
+            "",
+            "```python",
+            TUNE_SNIPPET.rstrip("\n"),
+            "```",
+        ]
+    )
+
+
+def _inference_section(summary: dict[str, Any]) -> str:
+    inf = summary["inference"]
+    asked = inf["forward_passes"] + inf["cache_hits"]
+    rate = f" ({100 * inf['cache_hits'] / asked:.0f}% of requests)" if asked else ""
+    p95 = inf.get("latency_ms_p95")
+    lines = [
+        "## Inference",
+        "",
+        f"- forward passes: {inf['forward_passes']} "
+        f"(distinct (image, prompt) pairs: {inf['distinct_pairs']})",
+        f"- cache hits: {inf['cache_hits']}{rate}, of which from disk: {inf['disk_hits']}",
+        f"- workers: {inf['workers']}, OOM retries: {inf['oom_retries']}, "
+        f"restarts: {inf['restarts']}",
+    ]
+    if p95 is not None:
+        lines.append(f"- p95 latency of a forward pass: {p95:.0f} ms")
+    return "\n".join(lines)
+
+
+def _stages_section(summary: dict[str, Any]) -> str:
+    lines = ["## Wall time by stage", "", "| stage | seconds |", "|---|---:|"]
+    for stage, seconds in summary["stage_seconds"].items():
+        lines.append(f"| {stage} | {seconds:.1f} |")
+    if "wall_seconds" in summary:
+        lines.append(f"| total (before the report) | {summary['wall_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+PLOT_TITLES = {
+    "metrics.png": "Dice and Recall per method, with 95% CIs and the 0.85 goal",
+    "learning_curves.png": "Learning curves per experiment (Tune results)",
+    "reward_net_dice.png": "Reward net: predicted vs true Dice (validation)",
+    "examples.png": "Examples: worst, median and best baseline image",
+}
+
+
+def _plots_section(plots: Mapping[str, str | None]) -> str:
+    lines = ["## Plots", ""]
+    for name, title in PLOT_TITLES.items():
+        why = plots.get(name)
+        if why is None:
+            lines += [f"### {title}", "", f"![{title}](plots/{name})", ""]
+        else:
+            lines += [f"### {title}", "", f"Not drawn: {why}.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: the PPO loop, the reward-net trial, the Tune adapter and the Tuner."""

@@ -1,0 +1,194 @@
+"""The PPO loop of one trial as a plain function, writing through a small result sink.
+
+:func:`train_ppo` builds the trial's RLlib PPO (sampling in this process), trains until
+``ppo.total_env_steps``, writes TensorBoard events with the original tags into the sink's trial
+directory, keeps the best policy (by ``rollout/ep_rew_mean``) as ``best_policy.pt``, evaluates
+it on the test split at the end (``eval/<metric>``) and hands every iteration's metrics to the
+sink. The sink is Tune (:mod:`orchestrator.training.trainable`: results, checkpoints, resume)
+or a local directory (``sa2va-rl train --local``); the loop does not know which.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ray.tune.registry import register_env
+from tensorboardX import SummaryWriter
+
+from envs.sources import load_samples
+from orchestrator import metric_keys as mk
+from orchestrator.evaluation.methods import make_evaluator
+from orchestrator.evaluation.statistics import summarise
+from orchestrator.experiments import ENV_NAME, TrialSpec, build_env, env_kwargs, make_env
+from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, RunPaths
+from orchestrator.training.ppo import (
+    ExportedPolicy,
+    build_ppo_config,
+    export_policy,
+    flatten_result,
+)
+from orchestrator.training.progress_metrics import export_progress
+
+if TYPE_CHECKING:
+    from orchestrator.inference.client import SegmentationClient
+
+
+class ResultSink(Protocol):
+    """Where a trial's results go.
+
+    Attributes:
+        trial_dir: the trial's directory (TensorBoard events, ``best_policy.pt``).
+        keeps_checkpoints: whether :meth:`report` wants a checkpoint directory with each result
+            (saving RLlib's state costs time; a sink that cannot resume does not ask for it).
+    """
+
+    trial_dir: Path
+    keeps_checkpoints: bool
+
+    def restored(self) -> AbstractContextManager[Path | None]:
+        """The directory of the checkpoint to resume from (``None``: start fresh)."""
+        ...
+
+    def report(self, metrics: Mapping[str, float], checkpoint: Path | None = None) -> None:
+        """One result (and, when kept, the checkpoint directory to persist with it)."""
+        ...
+
+
+def tensorboard_writer(trial_dir: Path) -> SummaryWriter:
+    """The trial's TensorBoard writer."""
+    # Tune's own TBX logger writes events.out.tfevents.<second>.<host> into the same directory:
+    # a suffix keeps the two files apart when both start within one second.
+    return SummaryWriter(str(trial_dir), filename_suffix=".sa2va-rl")
+
+
+def train_ppo(spec: TrialSpec, client: SegmentationClient, sink: ResultSink) -> dict[str, float]:
+    """Train the PPO trial of ``spec`` to ``ppo.total_env_steps``; returns the last metrics
+    (with the best policy's ``eval/<metric>``)."""
+    run, paths = spec.run, RunPaths(Path(spec.root))
+    data = {
+        "data": spec.data_dir,
+        "manifest": str(paths.manifest),
+        "split": "train",
+        "max_images": run.data.max_train_images,
+    }
+    kwargs = env_kwargs(spec.trial, run, data, **reward_net_ids(spec))
+
+    register_env(ENV_NAME, make_env)
+    env_config = {"trial": spec.trial.name, "kwargs": kwargs, "segmenter": client}
+    algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
+    best = BestPolicy(sink.trial_dir)
+    with sink.restored() as directory:
+        if directory is not None:
+            algo.restore_from_path(directory / ALGO_DIR)
+            best.restore(directory)
+    writer = tensorboard_writer(sink.trial_dir)
+    steps, metrics = 0.0, {}
+    try:
+        while steps < run.ppo.total_env_steps:
+            metrics = flatten_result(algo.train())
+            metrics.update(inference_metrics(client))
+            steps = metrics.get(mk.ENV_STEPS, steps)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, global_step=int(steps))
+            writer.flush()
+            best.offer(algo.get_module(), metrics, spec)
+            export_progress(spec.trial.name, metrics)
+            _report(sink, algo, best, metrics)
+        evaluation = evaluate_best(spec, client, best)
+        export_progress(spec.trial.name, evaluation)
+        for key, value in evaluation.items():
+            writer.add_scalar(key, value, global_step=int(steps))
+        metrics = {**metrics, **evaluation}
+        _report(sink, algo, best, metrics)
+    finally:
+        writer.close()
+        algo.stop()
+    return metrics
+
+
+def reward_net_ids(spec: TrialSpec) -> dict[str, Any]:
+    """The reward-net checkpoint and the ids it must carry (backend, split)."""
+    return {
+        "reward_net": str(RunPaths(Path(spec.root)).reward_net),
+        "backend_id": spec.backend_id,
+        "manifest_hash": spec.manifest_hash,
+    }
+
+
+class BestPolicy:
+    """The exported policy of the iteration with the highest ``rollout/ep_rew_mean`` so far
+    (RLlib's 100-episode mean): what evaluation uses. Kept in every checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        self.score = -math.inf
+        self.path = directory / BEST_POLICY_FILE
+
+    def offer(self, module: Any, metrics: Mapping[str, float], spec: TrialSpec) -> None:
+        score = metrics.get(mk.EP_REW_MEAN, -math.inf)
+        if score > self.score or not self.path.is_file():
+            self.score = score
+            metadata = {
+                "trial": spec.trial.name,
+                "backend_id": spec.backend_id,
+                "manifest_hash": spec.manifest_hash,
+                "env_steps": metrics.get(mk.ENV_STEPS, 0.0),
+                "ep_rew_mean": score,
+            }
+            export_policy(module, self.path, metadata)
+
+    def restore(self, directory: Path) -> None:
+        saved = directory / BEST_POLICY_FILE
+        if saved.is_file():
+            shutil.copyfile(saved, self.path)
+            self.score = float(
+                ExportedPolicy.load(self.path).metadata.get("ep_rew_mean", -math.inf)
+            )
+
+
+def _report(sink: ResultSink, algo: Any, best: BestPolicy, metrics: dict[str, float]) -> None:
+    if not sink.keeps_checkpoints:
+        sink.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        algo.save_to_path(Path(directory) / ALGO_DIR)
+        shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)
+        sink.report(metrics, checkpoint=Path(directory))
+
+
+def evaluate_best(
+    spec: TrialSpec, client: SegmentationClient, best: BestPolicy
+) -> dict[str, float]:
+    """``eval/<metric>`` of the best policy on the test split, so Tune's ResultGrid can compare
+    experiments; the run's report evaluates every method on the same images again."""
+    run, method = spec.run, spec.trial.method
+    assert method is not None, "a PPO trial has an evaluation method"
+    test = load_samples(
+        spec.data_dir,
+        split="test",
+        manifest=RunPaths(Path(spec.root)).manifest,
+        max_images=run.data.max_eval_images,
+    )
+    evaluator = make_evaluator(run, test, client)
+    kwargs = env_kwargs(spec.trial, run, {"samples": test}, **reward_net_ids(spec))
+    env = build_env(spec.trial, client, kwargs)
+    rows = evaluator.policy(method, env, ExportedPolicy.load(best.path).act)
+    summary = summarise(rows)[method]
+    return {mk.EVAL_METRICS[name]: est.mean for name, est in summary.metrics.items()}
+
+
+def inference_metrics(client: SegmentationClient) -> dict[str, float]:
+    """The workers' forward passes, cache hits and worst p95 latency, as metric keys."""
+    total = client.stats()["total"]
+    metrics = {
+        mk.INFERENCE_FORWARD_PASSES: float(total["forward_passes"]),
+        mk.INFERENCE_CACHE_HITS: float(total["memory_hits"] + total["disk_hits"]),
+    }
+    if total.get("latency_ms_p95_worst") is not None:
+        metrics[mk.INFERENCE_P95_MS] = float(total["latency_ms_p95_worst"])
+    return metrics

@@ -1,0 +1,58 @@
+"""The Tune trainable: the thin adapter between Tune and the trial functions.
+
+Its ``config`` is a :class:`~orchestrator.experiments.TrialSpec` in plain-data form (Tune stores
+it in ``params.json``). Environments reach the models only through a
+:class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
+(:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
+state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
+``--resume``; the reward-net trial reports one result per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.experiments import TrialSpec
+from orchestrator.inference.client import SegmentationClient
+from orchestrator.training.loop import train_ppo
+from orchestrator.training.reward_net import train_run_reward_net
+from orchestrator.training.wait import wait_for_reward_net
+
+
+class TuneSink:
+    """:class:`~orchestrator.training.loop.ResultSink` over ``tune.report``/checkpoints."""
+
+    keeps_checkpoints = True
+
+    def __init__(self) -> None:
+        self.trial_dir = Path(tune.get_context().get_trial_dir())
+
+    @contextmanager
+    def restored(self) -> Iterator[Path | None]:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: Mapping[str, float], checkpoint: Path | None = None) -> None:
+        saved = None if checkpoint is None else tune.Checkpoint.from_directory(str(checkpoint))
+        tune.report(dict(metrics), checkpoint=saved)
+
+
+def run_trial(param: dict[str, Any]) -> None:
+    """Tune entry point: the trial of ``param`` (a :meth:`TrialSpec.to_param`)."""
+    spec = TrialSpec.from_param(param)
+    client = SegmentationClient(spec.workers)
+    if spec.trial.trains_reward_net:
+        train_run_reward_net(spec, client, TuneSink())
+        return
+    if spec.trial.needs_reward_net:
+        wait_for_reward_net(spec)
+    train_ppo(spec, client, TuneSink())
