@@ -13,9 +13,12 @@ level that varies from frame to frame. What makes the data useful for the experi
 - every third video (1, 4, 7, ...) contains a catheter: a thick, uniform, smooth dark tube
   entering from the image border that is *not* part of the ground truth, a false-positive trap.
 
-The generator and the presets of :mod:`models.frangi` were tuned together so that, on the
+The generator and the presets of :mod:`models.frangi_presets` were tuned together so that, on the
 default data (160 frames, seed 0), the prompt matters image by image; ``tests/test_frangi.py``
 pins those properties. Change either and re-run those tests.
+
+What a video shares (tree, catheter, background, motion) is in :mod:`envs.synthetic_scene`; this
+module renders frames from it and writes datasets.
 
 Generation is deterministic for a seed: every random draw comes from a ``numpy.random.Generator``
 seeded from ``(seed, video)`` (what a video shares) or ``(seed, video, frame)``, so the first
@@ -44,25 +47,19 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import cv2
 import numpy as np
 
 from envs.polygons import mask_to_polygons, rasterize_polygons
 from envs.sample import Sample
+from envs.synthetic_scene import FRAME_STREAM, Tube, Video, make_video, pt
 from models.errors import UserError
 
 IMAGE_SIZE = 512
 JPEG_QUALITY = 95
 DATASET_TEXT = ("blood vessel",)
 NAME_PREFIX = "synth"
-
-_MAX_BRANCHES = 90
-_STEP = 3.0  # px between consecutive centre-line points
-# Random streams: (seed, video, _VIDEO_STREAM) for what a video shares,
-# (seed, video, _FRAME_STREAM, frame) for each frame; distinct lengths/tags never collide.
-_VIDEO_STREAM, _FRAME_STREAM = 0, 1
 
 
 @dataclass(frozen=True)
@@ -78,27 +75,6 @@ class SyntheticFrame:
     sample: Sample
     polygons: list[list[int]]
     jpeg: bytes
-
-
-@dataclass(frozen=True)
-class _Tube:
-    """A centre line ``points`` (N, 2) as (x, y) with a width ``widths`` (N,) at each point."""
-
-    points: np.ndarray
-    widths: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Video:
-    """What the frames of one video share."""
-
-    tree: list[_Tube]
-    catheter: _Tube | None
-    background: np.ndarray  # float32 HxW in (0, 1]
-    centre: np.ndarray  # (2,) heart centre, the pivot of the cardiac motion
-    waves: np.ndarray  # (4, 4): per wave kx, ky, phase, amplitude of the smooth deformation
-    attenuation: float  # typical contrast (per px of vessel thickness) of this video
-    noise: float  # typical noise level of this video
 
 
 def frame_name(seed: int, video: int, frame: int) -> str:
@@ -117,190 +93,10 @@ def group_of(name: str) -> str:
     return name.rsplit("_frame_", 1)[0]
 
 
-# Video-level content: tree, catheter, background ---------------------------------------------
-
-
-def _smooth_field(rng: np.random.Generator, cells: int, size: int) -> np.ndarray:
-    """Zero-mean, unit-ish random field varying on a scale of ``size / cells`` pixels."""
-    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
-    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Patient background: vignetting, heart shadow, rib-like bands, texture at three scales."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    image = np.full((size, size), rng.uniform(0.55, 0.72), np.float32)
-    # Image-intensifier vignetting: darker towards the corners.
-    image -= rng.uniform(0.1, 0.25) * (xx**2 + yy**2)
-    # Heart silhouette: a large soft-edged darker ellipse.
-    cx, cy = rng.uniform(-0.2, 0.2, 2)
-    ax, ay = rng.uniform(0.25, 0.45, 2)
-    inside = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
-    image -= rng.uniform(0.04, 0.12) / (1.0 + np.exp((inside - 1.0) * rng.uniform(4, 10)))
-    # Rib-like bands: wide, faint, gently curved dark ridges (a large-scale clutter source).
-    for _ in range(rng.integers(2, 6)):
-        tilt, offset, bend = rng.uniform(-0.6, 0.6), rng.uniform(-0.5, 0.5), rng.uniform(-1, 1)
-        dist = yy - (offset + tilt * xx + bend * xx**2)
-        half_width = rng.uniform(0.02, 0.05)
-        image -= rng.uniform(0.015, 0.04) * np.exp(-((dist / half_width) ** 2))
-    image += rng.uniform(0.03, 0.07) * _smooth_field(rng, 4, size)
-    image += rng.uniform(0.01, 0.025) * _smooth_field(rng, 24, size)
-    image += rng.uniform(0.004, 0.012) * _smooth_field(rng, 96, size)
-    return np.clip(image, 0.12, 1.0)
-
-
-class _Sprout(NamedTuple):
-    """A vessel waiting to grow: where, in which direction, how wide, off which parent."""
-
-    start: np.ndarray
-    angle: float
-    width: float
-    parent: int  # label of the parent vessel in the occupancy map, -1 for the root
-    parent_width: float
-
-
-def _grow_tree(rng: np.random.Generator, size: int) -> list[_Tube]:
-    """A branching tree from one ostium near the top; vessels never touch, so no loops.
-
-    No loops matters: the ground truth is the set of filled *external* contours, so a loop would
-    turn the background it encloses into "vessel".
-    """
-    occupied = np.zeros((size, size), np.int32)  # label of the vessel (plus margin) per pixel
-    side = rng.choice([-1.0, 1.0])
-    start = np.array([size * (0.5 + side * rng.uniform(0.1, 0.35)), size * rng.uniform(0.05, 0.25)])
-    towards_centre = math.atan2(size * 0.6 - start[1], size / 2 - start[0])
-    queue = [_Sprout(start, towards_centre + rng.uniform(-0.4, 0.4), rng.uniform(8.5, 11.0), -1, 0)]
-    tree: list[_Tube] = []
-    while queue and len(tree) < _MAX_BRANCHES:
-        sprout = queue.pop(0)
-        label = len(tree) + 1
-        tube, children = _grow_branch(rng, sprout, label, occupied)
-        if len(tube.points) >= 2:
-            tree.append(tube)
-            queue.extend(children)
-    return tree
-
-
-def _grow_branch(
-    rng: np.random.Generator, sprout: _Sprout, label: int, occupied: np.ndarray
-) -> tuple[_Tube, list[_Sprout]]:
-    """Grow vessel ``label`` until it thins out, leaves the image or comes near another vessel.
-
-    The vessel may overlap its parent only while it gets clear of it (it starts on the parent's
-    centre line), and it marks its own path in ``occupied`` a few steps behind its tip, so it
-    cannot curl into itself either. Widths taper slowly and drop at each fork by Murray's law
-    (w^3 = w_parent^3 + w_child^3). Returns the tube and the side branches it spawned.
-    """
-    point, angle, width = sprout.start.astype(np.float64), sprout.angle, sprout.width
-    clearance = 2.2 * (sprout.parent_width / 2 + width / 2 + 3)
-    points, widths, children = [point], [width], []
-    turn, travelled, marked = 0.0, 0.0, 1
-    next_fork = rng.uniform(15, 45)
-    taper = math.exp(-_STEP / rng.uniform(500, 1000))
-    lag = int(width + 10) // int(_STEP) + 1
-    while width >= 1.0 and len(points) < 400:
-        turn = 0.9 * turn + rng.normal(0.0, 0.018)  # smoothly varying curvature
-        angle += turn
-        point = point + _STEP * np.array([math.cos(angle), math.sin(angle)])
-        travelled += _STEP
-        width = width * taper - _STEP * 0.002  # the constant term ends thin vessels
-        allowed = sprout.parent if travelled <= clearance else -1
-        if _blocked(occupied, point, width, allowed):
-            break
-        points.append(point)
-        widths.append(width)
-        marked = _mark(occupied, label, points, widths, marked, len(points) - lag)
-        if travelled >= next_fork and width > 1.6:
-            child = width * rng.uniform(0.4, 0.8)
-            side = rng.choice([-1.0, 1.0])
-            children.append(
-                _Sprout(point, angle + side * rng.uniform(0.5, 1.1), child, label, width)
-            )
-            width = max(1.0, (width**3 - child**3) ** (1 / 3))
-            angle -= side * rng.uniform(0.05, 0.25)  # the parent bends away from its branch
-            next_fork = travelled + rng.uniform(20, 50)
-    _mark(occupied, label, points, widths, marked, len(points))
-    return _Tube(np.array(points), np.array(widths)), children
-
-
-def _blocked(occupied: np.ndarray, point: np.ndarray, width: float, allowed: int) -> bool:
-    """Whether a vessel of ``width`` at ``point`` is off the image or touches another vessel."""
-    size = occupied.shape[0]
-    x, y = _pt(point)
-    if not (-8 <= x < size + 8 and -8 <= y < size + 8):
-        return True
-    r = math.ceil(width / 2) + 1
-    window = occupied[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1]
-    return bool(np.any((window != 0) & (window != allowed)))
-
-
-def _mark(
-    occupied: np.ndarray,
-    label: int,
-    points: list[np.ndarray],
-    widths: list[float],
-    start: int,
-    stop: int,
-) -> int:
-    """Draw path segments ``start .. stop-1`` (2 px margin each side); return the next start."""
-    for i in range(start, stop):
-        cv2.line(occupied, _pt(points[i - 1]), _pt(points[i]), label, round(widths[i]) + 4)
-    return max(start, stop)
-
-
-def _grow_catheter(rng: np.random.Generator, size: int) -> _Tube:
-    """A smooth, constant-width tube entering from the bottom or a side of the image."""
-    edge = rng.integers(3)
-    along = rng.uniform(0.2, 0.8) * size
-    if edge == 0:  # bottom
-        point, angle = np.array([along, size + 5.0]), -math.pi / 2
-    else:  # left or right
-        point = np.array([-5.0 if edge == 1 else size + 5.0, along])
-        angle = 0.0 if edge == 1 else math.pi
-    angle += rng.uniform(-0.4, 0.4)
-    length = rng.uniform(250, 480)
-    turn = rng.uniform(-0.006, 0.006)
-    points = [point]
-    for _ in range(int(length / _STEP)):
-        turn += rng.normal(0.0, 0.0006)
-        angle += turn
-        point = point + _STEP * np.array([math.cos(angle), math.sin(angle)])
-        points.append(point)
-    width = rng.uniform(6.5, 9.5)
-    return _Tube(np.array(points), np.full(len(points), width))
-
-
-def _make_video(seed: int, video: int, size: int) -> _Video:
-    rng = np.random.default_rng([seed, video, _VIDEO_STREAM])
-    tree = _grow_tree(rng, size)
-    # Every third video shows a catheter, so any 3 consecutive videos include one.
-    catheter = _grow_catheter(rng, size) if video % 3 == 1 else None
-    waves = np.column_stack(
-        [
-            rng.uniform(-1, 1, (4, 2)) * 2 * math.pi / size,  # at most one cycle per image
-            rng.uniform(0, 2 * math.pi, 4),
-            rng.uniform(0.5, 2.0, 4),
-        ]
-    )
-    return _Video(
-        tree=tree,
-        catheter=catheter,
-        background=_background(rng, size),
-        centre=rng.uniform(0.35, 0.65, 2) * size,
-        waves=waves,
-        attenuation=float(rng.uniform(0.07, 0.13)),
-        noise=float(rng.uniform(0.012, 0.03)),
-    )
-
-
 # Frame rendering -------------------------------------------------------------------------------
 
 
-def _pt(p: np.ndarray) -> tuple[int, int]:
-    return round(float(p[0])), round(float(p[1]))
-
-
-def _deform(points: np.ndarray, video: _Video, phase: float, shift: np.ndarray) -> np.ndarray:
+def _deform(points: np.ndarray, video: Video, phase: float, shift: np.ndarray) -> np.ndarray:
     """Cardiac-like motion: contraction about the heart centre, smooth waves, a small shift."""
     scale = 1.0 + 0.02 * math.sin(phase)
     moved = video.centre + (points - video.centre) * scale + shift
@@ -311,13 +107,13 @@ def _deform(points: np.ndarray, video: _Video, phase: float, shift: np.ndarray) 
     return moved + np.column_stack([dx, dy])
 
 
-def _draw_tubes(tubes: list[_Tube], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _draw_tubes(tubes: list[Tube], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rasterise tubes: (mask uint8 0/255, centre lines uint8 0/255, width map float32)."""
     mask = np.zeros((size, size), np.uint8)
     centre = np.zeros((size, size), np.uint8)
     width_map = np.zeros((size, size), np.float32)
     pieces = [
-        (float(w), _pt(a), _pt(b))
+        (float(w), pt(a), pt(b))
         for tube in tubes
         for a, b, w in zip(tube.points[:-1], tube.points[1:], tube.widths[1:], strict=True)
     ]
@@ -348,12 +144,12 @@ def _shifted(background: np.ndarray, shift: np.ndarray) -> np.ndarray:
 
 
 def _render(
-    rng: np.random.Generator, video: _Video, frame: int, size: int
+    rng: np.random.Generator, video: Video, frame: int, size: int
 ) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
     """One frame: (grey image uint8 HxW, GT polygons, GT mask bool HxW)."""
     phase = 2 * math.pi * frame / 7.0 + rng.uniform(-0.3, 0.3)  # ~7 frames per heart beat
     shift = rng.normal(0.0, 1.5, 2)
-    tree = [_Tube(_deform(t.points, video, phase, shift), t.widths) for t in video.tree]
+    tree = [Tube(_deform(t.points, video, phase, shift), t.widths) for t in video.tree]
     drawn, centre, width_map = _draw_tubes(tree, size)
     polygons = mask_to_polygons(drawn)
     gt = rasterize_polygons(polygons, size, size)  # the GT is what the polygons say, exactly
@@ -365,7 +161,7 @@ def _render(
     log_image -= attenuation * _path_length(gt, centre, width_map)
     if video.catheter is not None:
         points = _deform(video.catheter.points, video, phase, shift)
-        tube, _, _ = _draw_tubes([_Tube(points, video.catheter.widths)], size)
+        tube, _, _ = _draw_tubes([Tube(points, video.catheter.widths)], size)
         # Flat profile: a plastic tube full of contrast is uniformly dark across its width.
         log_image -= 0.045 * float(video.catheter.widths[0]) * (tube > 0)
     image = cv2.GaussianBlur(np.exp(log_image), (0, 0), rng.uniform(0.7, 1.2))  # focal spot
@@ -386,12 +182,12 @@ def iter_frames(
         raise ValueError(
             f"need n >= 0, seed >= 0 and frames_per_video >= 1, got {n}, {seed}, {frames_per_video}"
         )
-    video: _Video | None = None
+    video: Video | None = None
     for index in range(n):
         video_index, frame = divmod(index, frames_per_video)
         if frame == 0 or video is None:
-            video = _make_video(seed, video_index, size)
-        rng = np.random.default_rng([seed, video_index, _FRAME_STREAM, frame])
+            video = make_video(seed, video_index, size)
+        rng = np.random.default_rng([seed, video_index, FRAME_STREAM, frame])
         grey, polygons, gt = _render(rng, video, frame, size)
         jpeg, decoded = _jpeg_round_trip(grey)
         name = frame_name(seed, video_index, frame)

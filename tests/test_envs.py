@@ -16,10 +16,11 @@ from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPr
 from envs.sample import Sample
 from models.errors import UserError
 from models.metrics import dice
+from models.prompts import DEFAULT_PROMPT
 from models.reward_net import RewardNet, RewardScorer
 from models.segmentation import Segmentation
 
-PROMPTS = ("segment the blood vessel", "segment thin vessels", "segment everything dark")
+PROMPTS = (DEFAULT_PROMPT, "segment thin vessels", "segment everything dark")
 THRESHOLDS = {PROMPTS[0]: 100, PROMPTS[1]: 140, PROMPTS[2]: 200}
 
 

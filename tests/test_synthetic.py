@@ -12,7 +12,8 @@ import pytest
 from skimage.morphology import skeletonize
 
 from envs.polygons import MIN_POLYGON_POINTS, mask_to_polygons, rasterize_polygons
-from envs.synthetic import _make_video, frame_name, generate_samples, group_of, write_dataset
+from envs.synthetic import frame_name, generate_samples, group_of, write_dataset
+from envs.synthetic_scene import make_video
 from models.errors import UserError
 from models.metrics import dice
 from orchestrator.cli import EXIT_USER_ERROR, main
@@ -88,8 +89,8 @@ def test_frames_of_a_video_share_a_tree_and_videos_differ(two_videos: list) -> N
 
 
 def test_catheter_is_dark_but_not_ground_truth(two_videos: list) -> None:
-    assert _make_video(0, 0, 512).catheter is None
-    catheter = _make_video(0, 1, 512).catheter
+    assert make_video(0, 0, 512).catheter is None
+    catheter = make_video(0, 1, 512).catheter
     assert catheter is not None
     sample = two_videos[8]  # frame 0 of video 1: the catheter barely moves
     grey = sample.image[..., 0].astype(float)
