@@ -99,7 +99,12 @@ class WorkersConfig(_Section):
 
 class EnvConfig(_Section):
     max_steps: int = Field(3, ge=1, le=50)
-    """Steps per episode (one image per episode)."""
+    """Steps per episode (one image per episode) of every experiment not in ``episode_steps``;
+    also the depth of the post-processing oracle and of the op-sequence baselines."""
+    episode_steps: dict[Experiment, int] = Field(default_factory=dict)
+    """Steps per episode by experiment, overriding ``max_steps`` (e.g. ``{prompt: 1, reward: 1}``:
+    one prompt decision per image, a contextual bandit; each prompt step replaces the mask, so
+    only the last one counts)."""
     prompts: tuple[str, ...] = CANDIDATE_PROMPTS
     """Candidate prompts the prompt policies choose from."""
     default_prompt: str = DEFAULT_PROMPT
@@ -113,7 +118,15 @@ class EnvConfig(_Section):
             raise ValueError("prompts must list at least 2 candidates")
         if self.default_prompt not in self.prompts:
             raise ValueError(f"default_prompt {self.default_prompt!r} must be one of prompts")
+        bad = {exp: n for exp, n in self.episode_steps.items() if not 1 <= n <= 50}
+        if bad:
+            raise ValueError(f"episode_steps must be between 1 and 50, got {bad}")
         return self
+
+    def steps_for(self, experiment: str) -> int:
+        """Steps per episode of ``experiment`` (``episode_steps``, else ``max_steps``)."""
+        steps = {str(exp): n for exp, n in self.episode_steps.items()}
+        return steps.get(experiment, self.max_steps)
 
 
 class PpoConfig(_Section):
@@ -134,6 +147,12 @@ class PpoConfig(_Section):
     hidden: tuple[int, ...] = (128, 64)
     """Separate policy and value MLPs with these hidden sizes."""
     seed: int = Field(0, ge=0)
+    normalize_observations: bool = True
+    """Standardise every observation feature with the mean/std of random-policy observations on
+    the training images (no ground truth), fixed before training and saved with the policy.
+    False: raw observations, the original team's setting (PPO then ignores the image)."""
+    normalization_steps: int = Field(512, ge=8)
+    """Random-policy env steps the normalisation statistics are computed from."""
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PpoConfig:

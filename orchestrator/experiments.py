@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gymnasium as gym
+
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
+from envs.normalisation import NormalisedObservation, ObservationStats
 from envs.segmentation_env import SegmentationEnv
 from orchestrator.config import RunConfig, config_to_dict, parse_config
 
@@ -179,7 +182,7 @@ def env_kwargs(
     env = config.env
     common: dict[str, Any] = {
         **data,
-        "max_steps": env.max_steps,
+        "max_steps": env.steps_for(spec.experiment),
         "recall_weight": env.recall_weight,
     }
     if spec.env_class is None:
@@ -205,6 +208,10 @@ def build_env(spec: Trial, segmenter: Segmenter, kwargs: Mapping[str, Any]) -> S
     return spec.env_class(segmenter=segmenter, **dict(kwargs))
 
 
-def make_env(env_config: dict[str, Any]) -> SegmentationEnv:
-    """Env creator registered with Tune: ``{"trial", "kwargs", "segmenter"}`` -> env."""
-    return build_env(trial(env_config["trial"]), env_config["segmenter"], env_config["kwargs"])
+def make_env(env_config: dict[str, Any]) -> gym.Env[Any, Any]:
+    """Env creator registered with Tune: ``{"trial", "kwargs", "segmenter"}`` -> env, behind
+    the fixed observation normalisation when ``env_config["obs_stats"]`` holds one
+    (:meth:`ObservationStats.to_dict`)."""
+    env = build_env(trial(env_config["trial"]), env_config["segmenter"], env_config["kwargs"])
+    stats = env_config.get("obs_stats")
+    return env if stats is None else NormalisedObservation(env, ObservationStats.from_dict(stats))

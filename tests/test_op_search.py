@@ -14,7 +14,7 @@ from envs.synthetic import generate_samples
 from models.frangi import FrangiSegmenter
 from models.metrics import mask_metrics
 from models.prompts import PROMPT_SETS
-from orchestrator.evaluation import oracle_postprocess_mask
+from orchestrator.evaluation.oracles import oracle_postprocess_mask
 
 CFG = MaskOpsConfig()
 CROP = 112  # crops of real segmentations keep the exhaustive reference fast

@@ -1,7 +1,9 @@
 """The run's evaluation stage: every method on the test split, same images for every method.
 
 Writes ``eval/per_image.csv`` and the example masks ``eval/examples/*.png`` (every method's
-final mask of the worst, median and best baseline image); the report is built from those files.
+final mask of the worst, median and best baseline image), and ``eval/train_per_image.csv``: the
+same learned methods on their training images, so over-fitting and the action histograms on
+train vs test show; the report is built from those files.
 """
 
 from __future__ import annotations
@@ -10,16 +12,38 @@ import functools
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from envs.mask_ops import MaskOpsConfig
+from envs.normalisation import fit_stats
+from envs.sample import Sample
 from envs.sources import load_samples
+from models.segmentation import Segmenter
 from orchestrator.config import RunConfig
-from orchestrator.evaluation.methods import Policy, best_fixed_prompt, make_evaluator
+from orchestrator.evaluation.baselines import (
+    LinearPicker,
+    LinUCB,
+    SequenceTable,
+    prompt_dice,
+    reset_observations,
+    sequence_table,
+    train_bandit,
+)
+from orchestrator.evaluation.methods import (
+    Evaluator,
+    Policy,
+    best_fixed_prompt,
+    make_evaluator,
+)
 from orchestrator.evaluation.per_image import ImageResult, write_rows
 from orchestrator.experiments import (
     COMBINED_METHOD,
     COMBINED_OF,
+    POSTPROCESS,
+    PROMPT,
+    Trial,
     TrialOutcome,
     build_env,
     env_kwargs,
@@ -43,6 +67,44 @@ def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
     return found
 
 
+@dataclass(frozen=True)
+class Learners:
+    """The baselines fitted on the training images (see :mod:`.baselines`)."""
+
+    bandit: LinUCB
+    prompt_picker: LinearPicker
+    ops_picker: LinearPicker
+    ops_table: SequenceTable
+
+
+def fit_learners(config: RunConfig, train: list[Sample], segmenter: Segmenter) -> Learners:
+    """The bandit (``ppo.total_env_steps`` interactions, seeded by ``ppo.seed``), the ridge
+    pickers and the op-sequence table, all on ``train``."""
+    ppo, env = config.ppo, config.env
+    bandit_env = _prompt_env(config, train, segmenter)
+    stats = fit_stats(bandit_env, ppo.normalization_steps, seed=ppo.seed)
+    bandit = train_bandit(bandit_env, ppo.total_env_steps, stats, seed=ppo.seed)
+    dice = prompt_dice(train, segmenter, env.prompts)
+    prompt_picker = LinearPicker.fit(reset_observations(bandit_env, train), dice)
+    ops = MaskOpsConfig.from_dict(dict(config.mask_ops))
+    depth = env.steps_for(POSTPROCESS.experiment)
+    table = sequence_table(train, segmenter, env.default_prompt, ops, depth)
+    post_env = _env(POSTPROCESS, config, train, segmenter)
+    ops_picker = LinearPicker.fit(reset_observations(post_env, train), table.dice)
+    return Learners(bandit, prompt_picker, ops_picker, table)
+
+
+def _env(spec: Trial, config: RunConfig, samples: list[Sample], segmenter: Segmenter, **kw: Any):
+    kwargs = env_kwargs(spec, config, {"samples": samples}, **kw)
+    return build_env(spec, segmenter, kwargs)
+
+
+def _prompt_env(config: RunConfig, samples: list[Sample], segmenter: Segmenter) -> Any:
+    """The prompt env with one decision per image: what the prompt learners choose in."""
+    kwargs = {**env_kwargs(PROMPT, config, {"samples": samples}), "max_steps": 1}
+    return build_env(PROMPT, segmenter, kwargs)
+
+
 def evaluate_run(
     config: RunConfig,
     paths: RunPaths,
@@ -50,69 +112,117 @@ def evaluate_run(
     segmenter: SegmentationClient,
     policy_files: dict[str, Path],
 ) -> list[ImageResult]:
-    """Every method on the test split; writes ``eval/per_image.csv`` and the example masks.
+    """Every method on the test split, and the learned ones on the training images too;
+    writes ``eval/per_image.csv``, ``eval/train_per_image.csv`` and the example masks.
     ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`)."""
     from orchestrator.training.ppo import ExportedPolicy
 
-    test = load_samples(
-        prepared.data_dir,
-        split="test",
-        manifest=paths.manifest,
-        max_images=config.data.max_eval_images,
-    )
-    train = load_samples(
-        prepared.data_dir,
-        split="train",
-        manifest=paths.manifest,
-        max_images=config.data.max_train_images,
-    )
+    def split(name: str, cap: int | None) -> list[Sample]:
+        return load_samples(prepared.data_dir, split=name, manifest=paths.manifest, max_images=cap)
+
+    test = split("test", config.data.max_eval_images)
+    train = split("train", config.data.max_train_images)
     examples = paths.examples_dir
     shutil.rmtree(examples, ignore_errors=True)  # a resumed run must not mix in stale masks
-    evaluator = make_evaluator(config, test, segmenter, examples_dir=examples)
     policies: dict[str, Policy] = {t: ExportedPolicy.load(p).act for t, p in policy_files.items()}
-    envs = {
-        name: build_env(
-            trial(name),
-            segmenter,
-            env_kwargs(
-                trial(name),
-                config,
-                {"samples": test},
-                reward_net=str(paths.reward_net),
-                backend_id=segmenter.backend_id,
-                manifest_hash=prepared.manifest_hash,
-            ),
-        )
-        for name in policies
-    }
+    start = time.monotonic()
+    learners = fit_learners(config, train, segmenter)
+    print(
+        f"  {'learners fitted':20s} {len(train)} train images in {time.monotonic() - start:.1f} s",
+        flush=True,
+    )
     fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
+    ids = {
+        "reward_net": str(paths.reward_net),
+        "backend_id": segmenter.backend_id,
+        "manifest_hash": prepared.manifest_hash,
+    }
+    setup = _Setup(config, segmenter, policies, learners, fixed, ids)
+    rows = _evaluate_split(setup, "test", make_evaluator(config, test, segmenter, examples))
+    write_rows(paths.per_image_csv, rows)
+    train_rows = _evaluate_split(setup, "train", make_evaluator(config, train, segmenter))
+    write_rows(paths.train_per_image_csv, train_rows)
+    return rows
+
+
+@dataclass(frozen=True)
+class _Setup:
+    config: RunConfig
+    segmenter: Segmenter
+    policies: dict[str, Policy]
+    learners: Learners
+    fixed_prompt: str
+    reward_net_ids: dict[str, Any]
+
+
+def _evaluate_split(setup: _Setup, split: str, evaluator: Evaluator) -> list[ImageResult]:
+    """The methods on the evaluator's images (``split``); the oracles on the test split only."""
+    samples = list(evaluator.test)
+    config, segmenter, policies, learners = (
+        setup.config,
+        setup.segmenter,
+        setup.policies,
+        setup.learners,
+    )
+    envs = {t: _env(trial(t), config, samples, segmenter, **setup.reward_net_ids) for t in policies}
+    prompt_env = _prompt_env(config, samples, segmenter)
+    post_env = _env(POSTPROCESS, config, samples, segmenter)
+    table = learners.ops_table
+    ops_pick = learners.ops_picker.pick
     # The baseline goes first: it picks the example images the later methods save masks of.
     steps: list[tuple[str, Callable[[], list[ImageResult]]]] = [
         ("baseline", evaluator.baseline),
-        ("best_fixed_prompt", lambda: evaluator.fixed_prompt("best_fixed_prompt", fixed)),
+        (
+            "best_fixed_prompt",
+            functools.partial(evaluator.fixed_prompt, "best_fixed_prompt", setup.fixed_prompt),
+        ),
+        (
+            "bandit_prompt",
+            functools.partial(
+                evaluator.policy, "bandit_prompt", prompt_env, learners.bandit.greedy
+            ),
+        ),
+        (
+            "supervised_prompt",
+            functools.partial(
+                evaluator.policy, "supervised_prompt", prompt_env, learners.prompt_picker.pick
+            ),
+        ),
+        (
+            "supervised_ops",
+            functools.partial(
+                evaluator.sequences,
+                "supervised_ops",
+                post_env,
+                lambda obs: table.sequences[ops_pick(obs)],
+            ),
+        ),
+        (
+            "best_fixed_ops",
+            functools.partial(
+                evaluator.sequences, "best_fixed_ops", post_env, lambda _: table.best_fixed
+            ),
+        ),
     ]
-    for name, policy in policies.items():
-        method = trial(name).method
+    for t, policy in policies.items():
+        method = trial(t).method
         assert method is not None, "a PPO trial has an evaluation method"
-        steps.append((method, functools.partial(evaluator.policy, method, envs[name], policy)))
+        steps.append((method, functools.partial(evaluator.policy, method, envs[t], policy)))
     first, then = (t.name for t in COMBINED_OF)
     if first in policies and then in policies:
-        steps.append(
-            (
-                COMBINED_METHOD,
-                lambda: evaluator.combined(
-                    envs[first], policies[first], envs[then], policies[then]
-                ),
-            )
+        combined = functools.partial(
+            evaluator.combined, envs[first], policies[first], envs[then], policies[then]
         )
-    steps += [
-        ("oracle_prompt", evaluator.oracle_prompt),
-        ("oracle_postprocess", evaluator.oracle_postprocess),
-    ]
+        steps.append((COMBINED_METHOD, combined))
+    if split == "test":
+        steps += [
+            ("oracle_prompt", evaluator.oracle_prompt),
+            ("oracle_postprocess", evaluator.oracle_postprocess),
+        ]
     rows: list[ImageResult] = []
     for method, compute in steps:
         start = time.monotonic()
         rows += compute()
-        print(f"  {method:20s} {len(test)} images in {time.monotonic() - start:.1f} s", flush=True)
-    write_rows(paths.per_image_csv, rows)
+        elapsed = time.monotonic() - start
+        print(f"  {method:20s} {len(samples)} {split} images in {elapsed:.1f} s", flush=True)
     return rows

@@ -10,6 +10,7 @@ or a local directory (``sa2va-rl train --local``); the loop does not know which.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ray.tune.registry import register_env
 from tensorboardX import SummaryWriter
 
+from envs.normalisation import ObservationStats, fit_stats
 from envs.sources import load_samples
 from orchestrator import metric_keys as mk
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.statistics import summarise
 from orchestrator.experiments import ENV_NAME, TrialSpec, build_env, env_kwargs, make_env
-from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, RunPaths
+from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, OBSERVATION_STATS_FILE, RunPaths
 from orchestrator.training.ppo import (
     ExportedPolicy,
     build_ppo_config,
@@ -80,10 +82,13 @@ def train_ppo(spec: TrialSpec, client: SegmentationClient, sink: ResultSink) -> 
     kwargs = env_kwargs(spec.trial, run, data, **reward_net_ids(spec))
 
     register_env(ENV_NAME, make_env)
-    env_config = {"trial": spec.trial.name, "kwargs": kwargs, "segmenter": client}
-    algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
-    best = BestPolicy(sink.trial_dir)
+    env_config: dict[str, Any] = {"trial": spec.trial.name, "kwargs": kwargs, "segmenter": client}
     with sink.restored() as directory:
+        stats = observation_stats(spec, client, kwargs, directory)
+        if stats is not None:
+            env_config["obs_stats"] = stats.to_dict()
+        algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
+        best = BestPolicy(sink.trial_dir, stats)
         if directory is not None:
             algo.restore_from_path(directory / ALGO_DIR)
             best.restore(directory)
@@ -112,6 +117,26 @@ def train_ppo(spec: TrialSpec, client: SegmentationClient, sink: ResultSink) -> 
     return metrics
 
 
+def observation_stats(
+    spec: TrialSpec,
+    client: SegmentationClient,
+    kwargs: Mapping[str, Any],
+    checkpoint: Path | None,
+) -> ObservationStats | None:
+    """The trial's fixed observation normalisation (``None`` with
+    ``ppo.normalize_observations: false``): the checkpoint's when resuming, else the mean/std of
+    ``ppo.normalization_steps`` random-policy steps on the training images (seeded by
+    ``ppo.seed``; observations only, no ground truth)."""
+    ppo = spec.run.ppo
+    if not ppo.normalize_observations:
+        return None
+    if checkpoint is not None and (checkpoint / OBSERVATION_STATS_FILE).is_file():
+        saved = json.loads((checkpoint / OBSERVATION_STATS_FILE).read_text())
+        return ObservationStats.from_dict(saved)
+    env = build_env(spec.trial, client, kwargs)
+    return fit_stats(env, ppo.normalization_steps, seed=ppo.seed)
+
+
 def reward_net_ids(spec: TrialSpec) -> dict[str, Any]:
     """The reward-net checkpoint and the ids it must carry (backend, split)."""
     return {
@@ -125,9 +150,10 @@ class BestPolicy:
     """The exported policy of the iteration with the highest ``rollout/ep_rew_mean`` so far
     (RLlib's 100-episode mean): what evaluation uses. Kept in every checkpoint."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, stats: ObservationStats | None = None) -> None:
         self.score = -math.inf
         self.path = directory / BEST_POLICY_FILE
+        self.stats = stats
 
     def offer(self, module: Any, metrics: Mapping[str, float], spec: TrialSpec) -> None:
         score = metrics.get(mk.EP_REW_MEAN, -math.inf)
@@ -140,7 +166,7 @@ class BestPolicy:
                 "env_steps": metrics.get(mk.ENV_STEPS, 0.0),
                 "ep_rew_mean": score,
             }
-            export_policy(module, self.path, metadata)
+            export_policy(module, self.path, metadata, self.stats)
 
     def restore(self, directory: Path) -> None:
         saved = directory / BEST_POLICY_FILE
@@ -158,6 +184,9 @@ def _report(sink: ResultSink, algo: Any, best: BestPolicy, metrics: dict[str, fl
     with tempfile.TemporaryDirectory() as directory:
         algo.save_to_path(Path(directory) / ALGO_DIR)
         shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)
+        if best.stats is not None:
+            stats = json.dumps(best.stats.to_dict())
+            (Path(directory) / OBSERVATION_STATS_FILE).write_text(stats)
         sink.report(metrics, checkpoint=Path(directory))
 
 
