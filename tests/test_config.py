@@ -59,6 +59,11 @@ def test_errors_name_every_bad_key() -> None:
         ({"env": {"default_prompt": "segment a cat"}}, "must be one of prompts"),
         ({"experiments": ["prompt", "dance"]}, "'experiments.1': got 'dance'"),
         ({"env": {"max_steps": 0}}, "key 'env.max_steps'"),
+        ({"env": {"episode_steps": {"prompt": 0}}}, "episode_steps must be between 1 and 50"),
+        (
+            {"env": {"episode_steps": {"dance": 1}}},
+            "got 'dance', allowed: 'prompt', 'postprocess' or 'reward'",
+        ),
     ],
 )
 def test_cross_field_and_range_errors(data: dict, message: str) -> None:
@@ -81,3 +86,13 @@ def test_extends_and_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(UserError, match="not found; the shipped ones are in"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_episode_shape_and_normalisation_keys() -> None:
+    default = parse_config({})
+    assert default.ppo.normalize_observations and default.ppo.normalization_steps == 512
+    assert [default.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [3, 3, 3]
+    bandit = parse_config({"env": {"max_steps": 2, "episode_steps": {"prompt": 1}}})
+    assert [bandit.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [1, 2, 2]
+    raw = parse_config({"ppo": {"normalize_observations": False}})
+    assert not raw.ppo.normalize_observations
