@@ -34,91 +34,41 @@ image its own group.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
-import numpy as np
-from PIL import Image, ImageFile
-from tqdm import tqdm
-
-from envs.polygons import rasterize_polygons
+from envs.dataset_coco import coco_entries
+from envs.dataset_files import (
+    CocoMask,
+    Entry,
+    Found,
+    decode_rgb,
+    drop_duplicates,
+    ground_truth,
+    read_checked,
+    validate_files,
+)
+from envs.dataset_folders import folder_entries
+from envs.dataset_sa2va import sa2va_entries
 from envs.sample import Sample
-from models.errors import UserError
+from models.errors import UserError, option
 
 DEFAULT_GROUP_PATTERN = r"^(?P<group>.+)_frame_\d+$"
 """Original naming ``<name>(<id>)_<a>-<b>_<c>_<hash>_frame_<n>.jpg``: the group is the video,
 everything before ``_frame_<n>``."""
 
 FORMATS = ("auto", "sa2va", "coco", "folders")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-POLYGON_TOLERANCE_PX = 1.0
 """Polygon points may lie this far outside ``[0, W] x [0, H]`` (annotation tools round)."""
 MAX_LISTED_PROBLEMS = 20
-PROGRESS_MIN_ITEMS = 200
-SKIP_HINT = "Fix them or pass --skip-bad (skip_bad=True) to skip these entries."
+SKIP_HINT = f"Fix them or pass {option('skip_bad')} to skip these entries."
 
 # Modes PIL converts to RGB without losing meaning; 16-bit/float greys would need a scaling
 # choice we do not want to guess.
-_IMAGE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr"})
-_DECODE_THREADS = min(4, os.cpu_count() or 1)
-_NUMBER_TYPES = (int, float)
-
-
-# --------------------------------------------------------------------------- ground-truth sources
-Polygon = tuple[str, np.ndarray]
-"""A flat polygon with the place it came from (e.g. ``mask[1][0]``), for error messages."""
-
-
-@dataclass(frozen=True)
-class _PolygonMask:
-    polygons: list[Polygon]
-
-
-@dataclass(frozen=True)
-class _Rle:
-    where: str
-    height: int
-    width: int
-    counts: np.ndarray
-
-
-@dataclass(frozen=True)
-class _CocoMask:
-    polygons: list[Polygon]
-    rles: list[_Rle]
-
-
-@dataclass(frozen=True)
-class _FileMask:
-    path: Path
-
-
-MaskSource = _PolygonMask | _CocoMask | _FileMask
-
-
-@dataclass
-class _Entry:
-    """One image as parsed from the annotations; ``height``/``width``/hashes set by validation."""
-
-    id: str
-    label: str  # how messages name the entry, e.g. "entry 3 ('a.jpg')"
-    image_path: Path
-    mask: MaskSource | None
-    mask_digest: str | None = None  # sha256 of the ground-truth source, None without one
-    height: int = 0
-    width: int = 0
-    image_sha256: str = ""
-    expected_size: tuple[int, int] | None = None  # (height, width) declared by the annotations
 
 
 # --------------------------------------------------------------------------------- the dataset
@@ -138,7 +88,7 @@ class Dataset:
         self,
         root: Path,
         fmt: str,
-        entries: Iterable[_Entry],
+        entries: Iterable[Entry],
         groups: dict[str, str],
         skipped: list[tuple[str, str]],
         notes: list[str],
@@ -196,11 +146,11 @@ class Dataset:
         Raises UserError if the file changed since :func:`load_dataset` validated it.
         """
         entry = self._entry(image_id)
-        data = _read_checked(entry.image_path, entry.image_sha256, entry.label)
-        image = _decode_rgb(data)
-        return Sample(entry.id, self._groups[entry.id], image, _ground_truth(entry))
+        data = read_checked(entry.image_path, entry.image_sha256, entry.label)
+        image = decode_rgb(data)
+        return Sample(entry.id, self._groups[entry.id], image, ground_truth(entry))
 
-    def _entry(self, image_id: str) -> _Entry:
+    def _entry(self, image_id: str) -> Entry:
         try:
             return self._entries[image_id]
         except KeyError:
@@ -245,8 +195,8 @@ def load_dataset(
         )
     problems: list[tuple[str, str]] = []
     entries = _parse(found, require_masks, categories, problems)
-    entries = _drop_duplicates(entries, problems)
-    entries = _validate_files(entries, problems)
+    entries = drop_duplicates(entries, problems)
+    entries = validate_files(entries, problems)
     where = f"{found.format} dataset {found.source}"
     problems.sort(key=lambda problem: _natural_key(problem[0]))
     if problems and not skip_bad:
@@ -259,20 +209,11 @@ def load_dataset(
 
 
 # ------------------------------------------------------------------------------ format detection
-@dataclass
-class _Found:
-    format: str
-    root: Path
-    source: Path  # the JSON file, or the folder for "folders"
-    document: Any = None  # parsed JSON for sa2va / coco
-    notes: list[str] = field(default_factory=list)
-
-
-def _resolve_format(source: Path, fmt: str) -> _Found:
+def _resolve_format(source: Path, fmt: str) -> Found:
     if source.is_file():
         return _from_json_file(source, fmt)
     if fmt == "folders":
-        return _Found("folders", source, source)
+        return Found("folders", source, source)
     if fmt == "sa2va":
         annotations = source / "annotations.json"
         if not annotations.is_file():
@@ -283,20 +224,22 @@ def _resolve_format(source: Path, fmt: str) -> _Found:
     return _detect(source)
 
 
-def _from_json_file(path: Path, fmt: str) -> _Found:
+def _from_json_file(path: Path, fmt: str) -> Found:
     document = read_json(path)
     detected = _json_kind(document)
     if fmt == "auto":
         if detected is None:
             raise UserError(
                 f"{path} is neither a Sa2VA annotations list nor a COCO dict with 'images'; "
-                "check the file or pass --format"
+                f"check the file or pass {option('format')}"
             )
         fmt = detected
     if fmt == "folders":
-        raise UserError(f"--format folders needs a folder with images/ and masks/, not {path}")
+        raise UserError(
+            f"{option('format')} folders needs a folder with images/ and masks/, not {path}"
+        )
     root = path.parent.parent if path.parent.name == "annotations" else path.parent
-    return _Found(fmt, root, path, document)
+    return Found(fmt, root, path, document)
 
 
 def _json_kind(document: Any) -> str | None:
@@ -336,8 +279,8 @@ def _single_coco_json(folder: Path) -> Path:
     raise UserError(f"several COCO JSON files in {folder} ({listed}); pass the one to use")
 
 
-def _detect(folder: Path) -> _Found:
-    matches: list[_Found] = []
+def _detect(folder: Path) -> Found:
+    matches: list[Found] = []
     if (folder / "annotations.json").is_file():
         matches.append(_from_json_file(folder / "annotations.json", "auto"))
     coco = _coco_candidates(folder, exclude=folder / "annotations.json")
@@ -346,7 +289,7 @@ def _detect(folder: Path) -> _Found:
     elif len(coco) > 1 and not matches:
         _single_coco_json(folder)  # raises, naming the candidates
     if (folder / "images").is_dir() and (folder / "masks").is_dir():
-        matches.append(_Found("folders", folder, folder))
+        matches.append(Found("folders", folder, folder))
     if not matches:
         raise UserError(
             f"cannot tell the dataset format of {folder}: expected annotations.json (Sa2VA), "
@@ -379,533 +322,16 @@ def read_json(path: Path) -> Any:
 
 # --------------------------------------------------------------------------------------- parsing
 def _parse(
-    found: _Found,
+    found: Found,
     require_masks: bool,
     categories: Sequence[str] | None,
     problems: list[tuple[str, str]],
-) -> list[_Entry]:
+) -> list[Entry]:
     if found.format == "sa2va":
-        return _sa2va_entries(found, require_masks, problems)
+        return sa2va_entries(found, require_masks, problems)
     if found.format == "coco":
-        return _coco_entries(found, require_masks, categories, problems)
-    return _folder_entries(found, require_masks, problems)
-
-
-def _sa2va_entries(
-    found: _Found, require_masks: bool, problems: list[tuple[str, str]]
-) -> list[_Entry]:
-    document = found.document
-    if not isinstance(document, list):
-        raise UserError(
-            f"{found.source} must hold a JSON list of entries like "
-            '{"image": "a.jpg", "text": [...], "mask": [[x1, y1, ...], ...]}, '
-            f"not a {type(document).__name__}"
-        )
-    images = found.source.parent / "images"
-    if document and not images.is_dir():
-        raise UserError(f"no images/ folder next to {found.source}; put the images there")
-    entries = []
-    for index, item in enumerate(document):
-        entry = _sa2va_entry(index, item, images, require_masks, problems)
-        if entry is not None:
-            entries.append(entry)
-    return entries
-
-
-def _sa2va_entry(
-    index: int, item: Any, images: Path, require_masks: bool, problems: list[tuple[str, str]]
-) -> _Entry | None:
-    label = f"entry {index}"
-    if not isinstance(item, dict):
-        problems.append((label, f"is a {type(item).__name__}, expected an object with 'image'"))
-        return None
-    name = item.get("image")
-    if not isinstance(name, str) or not name:
-        problems.append((label, "has no 'image' key (the image's file name in images/)"))
-        return None
-    label = f"entry {index} ({name!r})"
-    if "mask" not in item:
-        if require_masks:
-            problems.append((label, "has no 'mask' (no ground truth); add polygons"))
-            return None
-        return _Entry(name, label, images / name, None)
-    polygons, error = _sa2va_polygons(item["mask"])
-    if error is not None:
-        problems.append((label, error))
-        return None
-    digest = _digest_ground_truth(polygons)
-    return _Entry(name, label, images / name, _PolygonMask(polygons), digest)
-
-
-def _sa2va_polygons(value: Any) -> tuple[list[Polygon], str | None]:
-    """Flatten Sa2VA's ``mask`` (flat polygons, or a list of polygons per text) to polygons."""
-    if not isinstance(value, list):
-        return [], "'mask' must be a list of flat polygons [[x1, y1, x2, y2, ...], ...]"
-    polygons: list[Polygon] = []
-    for i, item in enumerate(value):
-        if isinstance(item, list) and item and all(isinstance(v, list) for v in item):
-            candidates = [(f"mask[{i}][{j}]", poly) for j, poly in enumerate(item)]
-        else:
-            candidates = [(f"mask[{i}]", item)]
-        for where, poly in candidates:
-            if poly == []:
-                continue  # an object without polygons adds no pixels
-            numbers = _numbers(poly)
-            if numbers is None:
-                return [], f"{where} must be a flat list of numbers [x1, y1, x2, y2, ...]"
-            polygons.append((where, numbers))
-    return polygons, None
-
-
-def _numbers(value: Any) -> np.ndarray | None:
-    """A flat list of finite numbers as float64, or None. ``type`` (not isinstance) rejects
-    bools; this runs over millions of coordinates, so it stays a single cheap pass."""
-    if not isinstance(value, list) or not all(type(v) in _NUMBER_TYPES for v in value):
-        return None
-    numbers = np.asarray(value, dtype=np.float64)
-    return numbers if np.isfinite(numbers).all() else None
-
-
-def _digest_ground_truth(polygons: list[Polygon], rles: Sequence[_Rle] = ()) -> str:
-    """sha256 of parsed ground truth (where each polygon/RLE came from + its numbers)."""
-    digest = hashlib.sha256()
-    for where, numbers in polygons:
-        digest.update(f"{where}:{len(numbers)};".encode())
-        digest.update(numbers.tobytes())
-    for rle in rles:
-        digest.update(f"{rle.where}:{rle.height}x{rle.width}:{len(rle.counts)};".encode())
-        digest.update(rle.counts.tobytes())
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------ COCO
-def _coco_entries(
-    found: _Found,
-    require_masks: bool,
-    categories: Sequence[str] | None,
-    problems: list[tuple[str, str]],
-) -> list[_Entry]:
-    document = found.document
-    if not isinstance(document, dict) or not isinstance(document.get("images"), list):
-        raise UserError(f"{found.source} is not a COCO instance JSON: it needs an 'images' list")
-    annotations = document.get("annotations")
-    if annotations is not None and not isinstance(annotations, list):
-        raise UserError(f"{found.source}: 'annotations' must be a list")
-    wanted = _coco_category_ids(document, categories, found.source)
-    images = _coco_images(document["images"], found, problems)
-    if annotations is None:
-        if require_masks:
-            raise UserError(
-                f"{found.source} has no 'annotations' (no ground truth); add them, or load "
-                "without ground truth (require_masks=False / --allow-unlabelled)"
-            )
-        return [entry for entry, _ in images.values()]
-    return _attach_coco_annotations(images, annotations, wanted, problems)
-
-
-def _coco_category_ids(
-    document: dict, categories: Sequence[str] | None, source: Path
-) -> set | None:
-    if categories is None:
-        return None
-    known = {
-        c.get("name"): c.get("id") for c in document.get("categories") or [] if isinstance(c, dict)
-    }
-    missing = [name for name in categories if name not in known]
-    if missing:
-        raise UserError(
-            f"{source} has no categor{'y' if len(missing) == 1 else 'ies'} {missing}; "
-            f"known: {sorted(str(name) for name in known)}"
-        )
-    return {known[name] for name in categories}
-
-
-def _coco_images(
-    records: list, found: _Found, problems: list[tuple[str, str]]
-) -> dict[Any, tuple[_Entry, list[tuple[str, Any]]]]:
-    """COCO image id -> (entry, its raw segmentations); bad records go to ``problems``."""
-    bases = [found.root / "images", found.root, found.source.parent]
-    images: dict[Any, tuple[_Entry, list[tuple[str, Any]]]] = {}
-    for index, record in enumerate(records):
-        name = record.get("file_name") if isinstance(record, dict) else None
-        if not isinstance(name, str) or not name or not isinstance(record.get("id"), int | str):
-            problems.append((f"images[{index}]", "needs a 'file_name' string and an 'id'"))
-            continue
-        label = f"image {name!r} (id {record['id']})"
-        if record["id"] in images:
-            other = images.pop(record["id"])[0]
-            problems.append((label, f"has the same COCO id as {other.id!r}; ids must be unique"))
-            problems.append((other.label, f"has the same COCO id as {name!r}"))
-            continue
-        path = next((base / name for base in bases if (base / name).is_file()), bases[0] / name)
-        entry = _Entry(name, label, path, None, expected_size=_declared_size(record))
-        images[record["id"]] = (entry, [])
-    return images
-
-
-def _declared_size(record: dict) -> tuple[int, int] | None:
-    height, width = record.get("height"), record.get("width")
-    if isinstance(height, int) and isinstance(width, int):
-        return height, width
-    return None
-
-
-def _attach_coco_annotations(
-    images: dict[Any, tuple[_Entry, list[tuple[str, Any]]]],
-    annotations: list,
-    wanted: set | None,
-    problems: list[tuple[str, str]],
-) -> list[_Entry]:
-    for index, ann in enumerate(annotations):
-        label = f"annotations[{index}]"
-        if not isinstance(ann, dict):
-            problems.append((label, "must be an object"))
-            continue
-        if wanted is not None and ann.get("category_id") not in wanted:
-            continue
-        label = f"annotation id {ann.get('id')}"
-        if ann.get("image_id") not in images:
-            problems.append((label, f"refers to image_id {ann.get('image_id')!r}, not in 'images'"))
-            continue
-        images[ann["image_id"]][1].append((label, ann.get("segmentation")))
-    entries = []
-    for entry, segmentations in images.values():
-        mask = _coco_mask(segmentations)
-        if isinstance(mask, str):
-            problems.append((entry.label, mask))
-            continue
-        entry.mask, entry.mask_digest = mask, _digest_ground_truth(mask.polygons, mask.rles)
-        entries.append(entry)
-    return entries
-
-
-def _coco_mask(segmentations: list[tuple[str, Any]]) -> _CocoMask | str:
-    """The image's polygons and RLEs, or what is wrong with one of its annotations."""
-    polygons: list[Polygon] = []
-    rles: list[_Rle] = []
-    for where, seg in segmentations:
-        if isinstance(seg, list) and seg:
-            for j, poly in enumerate(seg):
-                numbers = _numbers(poly)
-                if numbers is None:
-                    return f"{where}: segmentation[{j}] must be a flat list of numbers"
-                polygons.append((f"{where} segmentation[{j}]", numbers))
-        elif isinstance(seg, dict):
-            rle = _parse_rle(seg, where)
-            if isinstance(rle, str):
-                return rle
-            rles.append(rle)
-        else:
-            return f"{where} has no usable 'segmentation' (need polygons or an RLE dict)"
-    return _CocoMask(polygons, rles)
-
-
-def _parse_rle(seg: dict, where: str) -> _Rle | str:
-    size, counts = seg.get("size"), seg.get("counts")
-    if not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)):
-        return f"{where}: RLE needs 'size': [height, width]"
-    height, width = size
-    if isinstance(counts, str):
-        try:
-            runs = decode_rle_string(counts)
-        except ValueError as err:
-            return f"{where}: compressed RLE 'counts' is corrupt ({err})"
-    elif isinstance(counts, list) and all(type(v) is int for v in counts):
-        runs = counts
-    else:
-        return f"{where}: RLE 'counts' must be a string or a list of integers"
-    if any(run < 0 for run in runs):
-        return f"{where}: RLE 'counts' has a negative run length; the RLE is corrupt"
-    if sum(runs) != height * width:
-        return (
-            f"{where}: RLE runs cover {sum(runs)} pixels, but its size {width}x{height} (WxH) "
-            f"has {height * width}; the RLE is corrupt or its 'size' is wrong"
-        )
-    return _Rle(where, height, width, np.asarray(runs, dtype=np.int64))
-
-
-def decode_rle_string(counts: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``).
-
-    Each run is a signed LEB128-like number in 5-bit chunks offset by ASCII 48; from the third
-    run on, the value is a delta to the run two places earlier.
-    """
-    runs: list[int] = []
-    data = counts.encode("ascii", errors="replace")
-    p = 0
-    while p < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if p >= len(data):
-                raise ValueError("the string ends inside a number")
-            chunk = data[p] - 48
-            if not 0 <= chunk < 64:
-                raise ValueError(f"invalid character {chr(data[p])!r} at position {p}")
-            value |= (chunk & 0x1F) << shift
-            more = bool(chunk & 0x20)
-            p, shift = p + 1, shift + 5
-            if not more and chunk & 0x10:
-                value |= -1 << shift  # sign-extend
-        if len(runs) > 2:
-            value += runs[-2]
-        runs.append(value)
-    return runs
-
-
-def rle_to_mask(runs: Sequence[int] | np.ndarray, height: int, width: int) -> np.ndarray:
-    """Decode COCO run lengths (background first, column-major) to a bool ``(height, width)``."""
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, np.asarray(runs, dtype=np.int64))
-    return flat.reshape((height, width), order="F")
-
-
-# --------------------------------------------------------------------------------------- folders
-def _folder_entries(
-    found: _Found, require_masks: bool, problems: list[tuple[str, str]]
-) -> list[_Entry]:
-    images_dir, masks_dir = found.root / "images", found.root / "masks"
-    if not images_dir.is_dir():
-        raise UserError(f"{found.root} has no images/ folder; the folders format needs one")
-    if require_masks and not masks_dir.is_dir():
-        raise UserError(f"{found.root} has no masks/ folder (ground truth); add one")
-    images, ignored = _image_files(images_dir)
-    masks = _image_files(masks_dir)[0] if masks_dir.is_dir() else []
-    if ignored:
-        found.notes.append(
-            f"ignored {len(ignored)} non-image file(s) in images/ (e.g. {ignored[0]})"
-        )
-    masks_by_stem: dict[str, list[Path]] = defaultdict(list)
-    for mask in masks:
-        masks_by_stem[mask.stem].append(mask)
-    by_stem: dict[str, list[Path]] = defaultdict(list)
-    for image in images:
-        by_stem[image.stem].append(image)
-    entries = [
-        entry
-        for stem, paths in sorted(by_stem.items())
-        if (entry := _folder_entry(stem, paths, masks_by_stem, require_masks, problems))
-    ]
-    orphans = sorted(set(masks_by_stem) - set(by_stem))
-    if orphans:
-        found.notes.append(f"ignored {len(orphans)} mask(s) without an image (e.g. {orphans[0]})")
-    if any(m.suffix.lower() in {".jpg", ".jpeg"} for m in masks):
-        found.notes.append("some masks are JPEG: compression noise counts as vessel; use PNG")
-    return entries
-
-
-def _image_files(folder: Path) -> tuple[list[Path], list[str]]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    return images, [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-
-
-def _folder_entry(
-    stem: str,
-    paths: list[Path],
-    masks_by_stem: dict[str, list[Path]],
-    require_masks: bool,
-    problems: list[tuple[str, str]],
-) -> _Entry | None:
-    if len(paths) > 1:
-        names = ", ".join(p.name for p in paths)
-        problems.append((f"images/{stem}.*", f"duplicate image name: {names} share a stem"))
-        return None
-    image = paths[0]
-    label = f"images/{image.name}"
-    masks = masks_by_stem.get(stem, [])
-    if len(masks) > 1:
-        names = ", ".join(m.name for m in masks)
-        problems.append((label, f"several masks match its stem ({names}); keep one"))
-        return None
-    if not masks:
-        if require_masks:
-            problems.append((label, f"has no mask masks/{stem}.png; add it"))
-            return None
-        return _Entry(image.name, label, image, None)
-    return _Entry(image.name, label, image, _FileMask(masks[0]))
-
-
-# ------------------------------------------------------------------------------------ validation
-def _drop_duplicates(entries: list[_Entry], problems: list[tuple[str, str]]) -> list[_Entry]:
-    by_id: dict[str, list[_Entry]] = defaultdict(list)
-    for entry in entries:
-        by_id[entry.id].append(entry)
-    kept = []
-    for image_id, same in by_id.items():
-        if len(same) == 1:
-            kept.append(same[0])
-            continue
-        for entry in same:
-            others = ", ".join(other.label for other in same if other is not entry)
-            reason = f"duplicate image name {image_id!r}, also in {others}; keep one entry"
-            problems.append((entry.label, reason))
-    return kept
-
-
-def _validate_files(entries: list[_Entry], problems: list[tuple[str, str]]) -> list[_Entry]:
-    """Decode every image (and mask file) once, in threads (PIL releases the GIL)."""
-    with (
-        ThreadPoolExecutor(_DECODE_THREADS) as pool,
-        tqdm(
-            total=len(entries),
-            desc="checking images",
-            unit="img",
-            file=sys.stderr,
-            disable=len(entries) <= PROGRESS_MIN_ITEMS,
-        ) as progress,
-    ):
-        reasons = []
-        for result in pool.map(_entry_problems, entries):
-            reasons.append(result)
-            progress.update()
-    kept = []
-    for entry, reason in zip(entries, reasons, strict=True):
-        if reason is None:
-            kept.append(entry)
-        else:
-            problems.append((entry.label, reason))
-    return kept
-
-
-def _entry_problems(entry: _Entry) -> str | None:
-    """Check one entry's files and annotations; fill its size and hashes. None when fine."""
-    info = _inspect_image(entry.image_path)
-    if isinstance(info, str):
-        return info
-    entry.height, entry.width, entry.image_sha256 = info
-    if entry.expected_size not in (None, (entry.height, entry.width)):
-        return _size_mismatch("the annotations declare", entry.expected_size, entry)
-    if isinstance(entry.mask, _FileMask):
-        return _mask_file_problem(entry, entry.mask.path)
-    if isinstance(entry.mask, _PolygonMask | _CocoMask):
-        problem = _polygon_problem(entry.mask.polygons, entry.height, entry.width)
-        if problem is None and isinstance(entry.mask, _CocoMask):
-            problem = _rle_problem(entry.mask.rles, entry)
-        return problem
-    return None
-
-
-def _inspect_image(path: Path) -> tuple[int, int, str] | str:
-    """(height, width, sha256) of a decodable image, or what is wrong with it."""
-    data = _read_bytes(path)
-    if isinstance(data, str):
-        return data
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode, (width, height), kind = image.mode, image.size, image.format
-    # Decoders of damaged files raise many exception types (OSError, SyntaxError, ValueError,
-    # struct.error, DecompressionBombError...); all mean "this file cannot be used".
-    except Exception as err:
-        return f"cannot decode image {path} ({err}): unreadable or truncated; replace the file"
-    if kind == "JPEG" and ImageFile.LOAD_TRUNCATED_IMAGES and not _has_jpeg_end(data):
-        # Someone enabled PIL's truncated-image tolerance, so load() no longer raises.
-        return f"image {path} is truncated (no JPEG end-of-image marker); replace the file"
-    if mode not in _IMAGE_MODES:
-        return f"image {path} has pixel mode {mode} (e.g. 16-bit); convert it to 8-bit"
-    return height, width, hashlib.sha256(data).hexdigest()
-
-
-def _has_jpeg_end(data: bytes) -> bool:
-    # EOI (FF D9) ends a JPEG; allow some trailing bytes some writers append.
-    return b"\xff\xd9" in data[-1024:]
-
-
-def _read_bytes(path: Path) -> bytes | str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return f"image file not found: {path}"
-    except OSError as err:
-        return f"cannot read {path}: {err}"
-    return data if data else f"file {path} is empty (0 bytes); replace it"
-
-
-def _size_mismatch(what: str, size: tuple[int, int], entry: _Entry) -> str:
-    return (
-        f"{what} {size[1]}x{size[0]} (WxH) but image {entry.image_path.name} is "
-        f"{entry.width}x{entry.height}; the ground truth must match its image"
-    )
-
-
-def _mask_file_problem(entry: _Entry, path: Path) -> str | None:
-    data = _read_bytes(path)
-    if isinstance(data, str):
-        return data.replace("image file", "mask file")
-    try:
-        mask = _decode_mask(data)
-    except Exception as err:  # same zoo of decoder errors as in _inspect_image
-        return f"cannot decode mask {path} ({err}): unreadable or truncated; replace the file"
-    if mask.shape != (entry.height, entry.width):
-        return _size_mismatch(f"mask {path.name} is", mask.shape, entry)
-    entry.mask_digest = hashlib.sha256(data).hexdigest()
-    return None
-
-
-def _polygon_problem(polygons: list[Polygon], height: int, width: int) -> str | None:
-    for where, numbers in polygons:
-        if len(numbers) % 2:
-            return f"{where} has an odd number of values ({len(numbers)}): need x, y pairs"
-        points = np.asarray(numbers).reshape(-1, 2)
-        if len(points) < 3:
-            return f"{where} has {len(points)} point(s); a polygon needs at least 3"
-        limit = np.array([width, height]) + POLYGON_TOLERANCE_PX
-        outside = np.any((points < -POLYGON_TOLERANCE_PX) | (points > limit), axis=1)
-        if outside.any():
-            x, y = points[np.argmax(outside)]
-            return (
-                f"{where} has point ({x:g}, {y:g}) outside the {width}x{height} image (x in "
-                f"[0, {width}], y in [0, {height}]); are the coordinates for a resized copy?"
-            )
-    return None
-
-
-def _rle_problem(rles: list[_Rle], entry: _Entry) -> str | None:
-    for rle in rles:
-        if (rle.height, rle.width) != (entry.height, entry.width):
-            return _size_mismatch(f"{rle.where}: RLE size is", (rle.height, rle.width), entry)
-    return None
-
-
-# ------------------------------------------------------------------------- decoding ground truth
-def _read_checked(path: Path, sha256: str | None, label: str) -> bytes:
-    data = _read_bytes(path)
-    if isinstance(data, str):
-        raise UserError(f"{label}: {data}")
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise UserError(
-            f"{label}: {path} changed since the dataset was checked; load the dataset again"
-        )
-    return data
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
-
-
-def _decode_mask(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image)
-    if pixels.ndim == 3:
-        colour = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]  # drop alpha
-        return np.any(colour != 0, axis=2)
-    return pixels != 0
-
-
-def _ground_truth(entry: _Entry) -> np.ndarray | None:
-    source = entry.mask
-    if source is None:
-        return None
-    if isinstance(source, _FileMask):
-        return _decode_mask(_read_checked(source.path, entry.mask_digest, entry.label))
-    flat = cast(list[Sequence[float]], [numbers for _, numbers in source.polygons])
-    mask = rasterize_polygons(flat, entry.height, entry.width)
-    if isinstance(source, _CocoMask):
-        for rle in source.rles:
-            mask |= rle_to_mask(rle.counts, rle.height, rle.width)
-    return mask
+        return coco_entries(found, require_masks, categories, problems)
+    return folder_entries(found, require_masks, problems)
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -951,12 +377,12 @@ def _assign_groups(
     return groups, notes
 
 
-def _mask_notes(fmt: str, entries: list[_Entry]) -> list[str]:
+def _mask_notes(fmt: str, entries: list[Entry]) -> list[str]:
     without = sum(entry.mask is None for entry in entries)
     notes = [f"{without} of {len(entries)} image(s) have no ground truth"] if without else []
     if fmt == "coco":
         empty = sum(
-            isinstance(e.mask, _CocoMask) and not e.mask.polygons and not e.mask.rles
+            isinstance(e.mask, CocoMask) and not e.mask.polygons and not e.mask.rles
             for e in entries
         )
         if empty:

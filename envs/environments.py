@@ -7,28 +7,24 @@
 - :class:`RewardGuidedPromptEnv` (experiment 3): experiment 1's actions, but the reward is the
   change of the reward network's score: no ground truth needed.
 
-All take the same data keywords (``data``, ``split``, ``manifest``, ``max_images``, or
-``samples``) and an injected ``segmenter``; with no arguments they run on a small built-in
-synthetic set with a local Frangi backend. None of them loads a model itself.
+All take their ``samples``, ``segmenter`` and (experiment 3) reward scorer injected; none loads
+data or a model itself. The no-argument ``gymnasium.make()`` defaults (a small built-in
+synthetic set, a local Frangi backend, a built-in reward net) live in :mod:`envs.defaults`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from envs.mask_ops import MaskOpsConfig, MaskState, apply_op, op_available
 from envs.objectives import GroundTruthObjective, Objective, RewardNetObjective
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
-from envs.sources import default_reward_scorer, default_segmenter, load_samples
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
-from models.reward_net import RewardScorer, load_checkpoint
+from models.reward_net import RewardScorer
 from models.segmentation import Segmenter
-
-DataArg = str | Path | None
 
 
 def _check_prompts(prompts: Sequence[str], default_prompt: str) -> tuple[str, ...]:
@@ -48,31 +44,21 @@ class PromptSelectionEnv(SegmentationEnv):
 
     def __init__(
         self,
-        data: DataArg = None,
-        split: str = "train",
-        segmenter: Segmenter | None = None,
+        *,
+        samples: Sequence[Sample],
+        segmenter: Segmenter,
         max_steps: int = 3,
         prompts: Sequence[str] = CANDIDATE_PROMPTS,
         default_prompt: str = DEFAULT_PROMPT,
         recall_weight: float = 0.0,
-        manifest: DataArg = None,
-        max_images: int | None = None,
-        samples: Sequence[Sample] | None = None,
         objective: Objective | None = None,
     ) -> None:
         self.prompts = _check_prompts(prompts, default_prompt)
         self.default_prompt = default_prompt
         objective = objective or GroundTruthObjective(recall_weight)
         super().__init__(
-            samples=load_samples(
-                data,
-                split=split,
-                manifest=manifest,
-                max_images=max_images,
-                samples=samples,
-                require_masks=objective.needs_ground_truth,
-            ),
-            segmenter=segmenter or default_segmenter(),
+            samples=samples,
+            segmenter=segmenter,
             objective=objective,
             action_names=self.prompts,
             max_steps=max_steps,
@@ -92,38 +78,22 @@ class PromptSelectionEnv(SegmentationEnv):
 class RewardGuidedPromptEnv(PromptSelectionEnv):
     """Experiment 3, step 2: experiment 1's actions, rewarded by the reward network's score.
 
-    ``reward_net`` is a checkpoint path or a loaded :class:`~models.reward_net.RewardScorer`;
-    when omitted, a small network is trained once on the built-in synthetic set and cached
-    (minutes-scale only the first time). Images without ground truth are fine; where ground
-    truth exists it is only reported in ``info``.
+    ``reward_net`` is the loaded :class:`~models.reward_net.RewardScorer` (the orchestrator
+    loads the run's checkpoint and checks that it was made for this backend and split). Images
+    without ground truth are fine; where ground truth exists it is only reported in ``info``.
     """
 
     def __init__(
         self,
-        reward_net: str | Path | RewardScorer | None = None,
-        expected_backend_id: str | None = None,
-        expected_manifest_hash: str | None = None,
-        segmenter: Segmenter | None = None,
+        *,
+        reward_net: RewardScorer,
         recall_weight: float = 0.0,
         **prompt_env_kwargs: Any,
     ) -> None:
-        """``prompt_env_kwargs``: the data, prompt and episode keywords of
-        :class:`PromptSelectionEnv`; ``expected_*`` reject a checkpoint made for another
-        backend or split."""
-        segmenter = segmenter or default_segmenter()
-        if reward_net is None:
-            scorer = default_reward_scorer(segmenter)
-        elif isinstance(reward_net, RewardScorer):
-            scorer = reward_net
-        else:
-            scorer = load_checkpoint(
-                reward_net,
-                backend_id=expected_backend_id,
-                manifest_hash=expected_manifest_hash,
-            )
+        """``prompt_env_kwargs``: the samples, segmenter, prompt and episode keywords of
+        :class:`PromptSelectionEnv`."""
         super().__init__(
-            segmenter=segmenter,
-            objective=RewardNetObjective(scorer, recall_weight),
+            objective=RewardNetObjective(reward_net, recall_weight),
             **prompt_env_kwargs,
         )
 
@@ -139,15 +109,12 @@ class PostProcessEnv(SegmentationEnv):
 
     def __init__(
         self,
-        data: DataArg = None,
-        split: str = "train",
-        segmenter: Segmenter | None = None,
+        *,
+        samples: Sequence[Sample],
+        segmenter: Segmenter,
         max_steps: int = 3,
         base_prompt: str = DEFAULT_PROMPT,
         recall_weight: float = 0.0,
-        manifest: DataArg = None,
-        max_images: int | None = None,
-        samples: Sequence[Sample] | None = None,
         mask_ops: MaskOpsConfig | dict[str, Any] | None = None,
     ) -> None:
         if mask_ops is None:
@@ -157,10 +124,8 @@ class PostProcessEnv(SegmentationEnv):
         self.ops_config = mask_ops
         self.base_prompt = base_prompt
         super().__init__(
-            samples=load_samples(
-                data, split=split, manifest=manifest, max_images=max_images, samples=samples
-            ),
-            segmenter=segmenter or default_segmenter(),
+            samples=samples,
+            segmenter=segmenter,
             objective=GroundTruthObjective(recall_weight),
             action_names=mask_ops.ops,
             max_steps=max_steps,

@@ -9,10 +9,11 @@ POST_PROCESS = "sa2va_rl/PostProcess-v0"
 REWARD_GUIDED_PROMPT = "sa2va_rl/RewardGuidedPrompt-v0"
 
 ENTRY_POINTS = {
-    PROMPT_SELECTION: "envs.environments:PromptSelectionEnv",
-    POST_PROCESS: "envs.environments:PostProcessEnv",
-    REWARD_GUIDED_PROMPT: "envs.environments:RewardGuidedPromptEnv",
+    PROMPT_SELECTION: "envs.defaults:prompt_selection",
+    POST_PROCESS: "envs.defaults:post_process",
+    REWARD_GUIDED_PROMPT: "envs.defaults:reward_guided_prompt",
 }
+"""The factories of :mod:`envs.defaults`: ``gymnasium.make(id)`` works with no arguments."""
 
 
 def register_envs() -> None:

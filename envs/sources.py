@@ -1,70 +1,62 @@
-"""Where environments get their images, segmenter and reward network when not handed them.
+"""Loading a dataset's samples once per process, from a reference that carries every setting.
 
-- ``data=None``: a small built-in synthetic set (:data:`BUILTIN_N` frames, seed 0), split by video
-  like any dataset, so ``gymnasium.make(id)`` works with no arguments.
-- ``data=<dir>``: a dataset in any supported format; ``manifest=<file>`` fixes the split (every
-  step of a run uses the same images), otherwise the default seeded group split is used.
-- ``segmenter=None``: the local Frangi backend behind an in-process memo.
-- the reward-guided env without ``reward_net``: a small network trained once on the built-in set
-  and cached under ``~/.cache/sa2va-rl`` (keyed by the backend id).
+A :class:`DataRef` names a dataset and how to read it (folder, format, group pattern,
+``skip_bad``, whether masks are required) and, in a run, its split manifest and that
+manifest's hash. :func:`load_split` validates the dataset once per process per reference
+(:func:`open_dataset` is cached), checks the manifest against it, and decodes only the images
+of the split asked for (capped with :func:`spread`); its result is cached too, so every env,
+the warm-up and the evaluation of one process share one decoded copy.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
+from envs.datasets import DEFAULT_GROUP_PATTERN, Dataset, load_dataset
 from envs.sample import Sample
-from envs.split import (
-    SPLIT_NAMES,
-    check_manifest_matches,
-    read_manifest,
-    split_dataset,
-    split_groups,
-)
-from envs.synthetic import generate_samples
+from envs.split import SPLIT_NAMES, Split, check_manifest_matches, read_manifest, split_dataset
 from models.errors import UserError
-from models.prompts import CANDIDATE_PROMPTS
-from models.reward_net import (
-    CHECKPOINT_VERSION,
-    RewardScorer,
-    load_checkpoint,
-    save_checkpoint,
-    train_reward_net,
-)
-from models.segmentation import MemoSegmenter, Segmenter
 
-log = logging.getLogger(__name__)
-
-BUILTIN_N = 24
-BUILTIN_FRAMES_PER_VIDEO = 4
-BUILTIN_SEED = 0
-CACHE_ROOT = Path(os.environ.get("SA2VA_RL_CACHE", "~/.cache/sa2va-rl")).expanduser()
 SPLITS = (*SPLIT_NAMES, "all")
 
 
-@lru_cache(maxsize=1)
-def builtin_samples() -> tuple[Sample, ...]:
-    """The built-in synthetic set (deterministic)."""
-    return tuple(generate_samples(BUILTIN_N, BUILTIN_SEED, BUILTIN_FRAMES_PER_VIDEO))
+@dataclass(frozen=True)
+class DataRef:
+    """A dataset and every setting needed to read it the same way in any process.
 
+    Attributes:
+        data_dir: the dataset folder (or annotations JSON).
+        manifest: the split manifest (``None``: the default seeded split by group).
+        manifest_hash: the manifest's ``manifest_hash``; a manifest with another hash is refused
+            (the split changed since the reference was made). Empty: not checked.
+        format: ``auto``, ``sa2va``, ``coco`` or ``folders``.
+        group_pattern: the regex that names each image's group (video); ``None``: one per image.
+        skip_bad: leave bad entries out instead of refusing the dataset.
+        require_masks: an image without ground truth is a problem.
+    """
 
-def _builtin_split(split: str) -> list[Sample]:
-    samples = builtin_samples()
-    if split == "all":
-        return list(samples)
-    groups: dict[str, list[str]] = {}
-    for sample in samples:
-        groups.setdefault(sample.group, []).append(sample.id)
-    ids = set(getattr(split_groups(groups), split))
-    return [s for s in samples if s.id in ids]
+    data_dir: str
+    manifest: str | None = None
+    manifest_hash: str = ""
+    format: str = "auto"
+    group_pattern: str | None = DEFAULT_GROUP_PATTERN
+    skip_bad: bool = False
+    require_masks: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for Tune's ``params.json`` and env configs)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataRef:
+        return cls(**dict(data))
 
 
 def spread(ids: Sequence[str], n: int | None) -> list[str]:
@@ -75,62 +67,70 @@ def spread(ids: Sequence[str], n: int | None) -> list[str]:
     return [ids[i] for i in sorted(set(picks.tolist()))]
 
 
+@lru_cache(maxsize=4)
+def validated_dataset(
+    data_dir: str, fmt: str, group_pattern: str | None, skip_bad: bool, require_masks: bool
+) -> Dataset:
+    """:func:`envs.datasets.load_dataset` once per process per settings (it decodes every
+    image to validate it). Call ``validated_dataset.cache_clear()`` to validate afresh."""
+    return load_dataset(
+        data_dir,
+        fmt=fmt,
+        group_pattern=group_pattern,
+        skip_bad=skip_bad,
+        require_masks=require_masks,
+    )
+
+
+def open_dataset(ref: DataRef) -> tuple[Dataset, Split]:
+    """The validated dataset of ``ref`` and its split (the dataset validated once per
+    process; the manifest read and checked against it)."""
+    dataset = validated_dataset(
+        ref.data_dir, ref.format, ref.group_pattern, ref.skip_bad, ref.require_masks
+    )
+    if ref.manifest is None:
+        return dataset, split_dataset(dataset)
+    manifest = read_manifest(ref.manifest)
+    if ref.manifest_hash and manifest.manifest_hash != ref.manifest_hash:
+        raise UserError(
+            f"split manifest {ref.manifest} has manifest_hash {manifest.manifest_hash[:12]}, "
+            f"not {ref.manifest_hash[:12]} as when this run prepared its data: the split "
+            "changed under a running job; start a new run with another --output"
+        )
+    check_manifest_matches(manifest, dataset)
+    return dataset, manifest.split
+
+
+@lru_cache(maxsize=16)
+def load_split(ref: DataRef, split: str, max_images: int | None = None) -> tuple[Sample, ...]:
+    """The samples of ``split`` (train, val, test or all), capped at ``max_images``; only
+    those images are decoded."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    dataset, parts = open_dataset(ref)
+    ids = dataset.ids if split == "all" else getattr(parts, split)
+    return tuple(dataset.load(i) for i in spread(ids, max_images))
+
+
 def load_samples(
-    data: str | os.PathLike[str] | None,
+    data: str | os.PathLike[str],
     *,
     split: str = "train",
     manifest: str | os.PathLike[str] | None = None,
     max_images: int | None = None,
-    samples: Sequence[Sample] | None = None,
     require_masks: bool = True,
     group_pattern: str | None = DEFAULT_GROUP_PATTERN,
+    fmt: str = "auto",
+    skip_bad: bool = False,
 ) -> list[Sample]:
-    """The samples of ``split`` (train, val, test or all), capped at ``max_images``."""
-    if split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if samples is not None:
-        chosen = list(samples)
-    elif data is None:
-        chosen = _builtin_split(split)
-    else:
-        dataset = load_dataset(data, group_pattern=group_pattern, require_masks=require_masks)
-        if manifest is not None:
-            parsed = read_manifest(manifest)
-            check_manifest_matches(parsed, dataset)
-            parts = parsed.split
-        else:
-            parts = split_dataset(dataset)
-        ids = dataset.ids if split == "all" else getattr(parts, split)
-        return [dataset.load(i) for i in spread(ids, max_images)]
-    keep = set(spread([s.id for s in chosen], max_images))
-    return [s for s in chosen if s.id in keep]
-
-
-@lru_cache(maxsize=1)
-def default_segmenter() -> MemoSegmenter:
-    """The local Frangi backend behind an in-process memo (shared by envs in this process)."""
-    from models.frangi import FrangiSegmenter
-
-    return MemoSegmenter(FrangiSegmenter())
-
-
-def default_reward_scorer(segmenter: Segmenter, input_size: int = 64) -> RewardScorer:
-    """A small reward network for the built-in set, trained on first use and cached on disk."""
-    from envs.reward_data import build_examples
-
-    recipe = f"{segmenter.backend_id}|{BUILTIN_N}|{input_size}|v{CHECKPOINT_VERSION}"
-    key = hashlib.sha256(recipe.encode()).hexdigest()
-    path = CACHE_ROOT / "reward_net" / f"builtin-{key[:16]}.pt"
-    if path.is_file():
-        return load_checkpoint(path, backend_id=segmenter.backend_id)
-    log.warning("training the built-in reward network once (cached at %s)", path)
-    examples = {
-        split: build_examples(
-            _builtin_split(split), segmenter, CANDIDATE_PROMPTS, per_image=8, input_size=input_size
-        )
-        for split in ("train", "val")
-    }
-    model, _ = train_reward_net(examples["train"], examples["val"], epochs=5)
-    metadata = {"input_size": input_size, "backend_id": segmenter.backend_id, "manifest_hash": ""}
-    save_checkpoint(path, model, metadata)
-    return load_checkpoint(path, backend_id=segmenter.backend_id)
+    """:func:`load_split` of the dataset at ``data`` with these settings (a convenience for
+    notebooks, tests and benchmarks)."""
+    ref = DataRef(
+        data_dir=str(Path(data).expanduser()),
+        manifest=None if manifest is None else str(manifest),
+        format=fmt,
+        group_pattern=group_pattern,
+        skip_bad=skip_bad,
+        require_masks=require_masks,
+    )
+    return list(load_split(ref, split, max_images))

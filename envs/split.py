@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from envs.datasets import Dataset, format_problems, read_json
-from models.errors import UserError
+from models.errors import UserError, option
 
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 SPLIT_NAMES = ("train", "val", "test")
@@ -64,7 +64,7 @@ def split_groups(
         raise UserError(
             f"the dataset has {len(groups)} group(s) but {len(wanted)} splits need images "
             f"(fractions {tuple(fractions)}); every group goes to one split, so add data, "
-            "set a fraction to 0, or use a --group-pattern that finds more groups"
+            f"set a fraction to 0, or use a {option('group_pattern')} that finds more groups"
         )
     names = sorted(groups)
     order = np.random.default_rng(seed).permutation(len(names))
@@ -255,7 +255,7 @@ def check_manifest_matches(manifest: Manifest, dataset: Dataset) -> None:
     if manifest.format != dataset.format:
         raise UserError(
             f"the split manifest was made from a {manifest.format} dataset, this one is "
-            f"{dataset.format} ({dataset.root}); load it with --format {manifest.format}"
+            f"{dataset.format} ({dataset.root}); load it with {option('format')} {manifest.format}"
         )
     problems = []
     for image_id in sorted(manifest.image_sha256):

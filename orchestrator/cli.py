@@ -4,8 +4,9 @@ Each subcommand lives in ``orchestrator/commands/<name>.py`` and exposes ``regis
 (adding its parser with ``set_defaults(func=run)``) and ``run(args) -> int``. Heavy imports (Ray,
 torch) happen inside ``run`` so that ``--help`` answers instantly.
 
-A :class:`models.errors.UserError` is printed as one message and exits with code 2; any other
-exception is a bug and keeps its traceback.
+A :class:`models.errors.UserError` is printed as one message, naming settings in the words of
+the command's ``OPTION_WORDS`` (see :mod:`orchestrator.commands.words`), and exits with code 2;
+any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from models.errors import UserError
 
 COMMAND_MODULES = (
     "orchestrator.commands.run",
+    "orchestrator.commands.train",
     "orchestrator.commands.demo_data",
     "orchestrator.commands.check_data",
     "orchestrator.commands.plan",
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"sa2va-rl {args.command}: error: {err}", file=sys.stderr)
+        words = getattr(sys.modules[args.func.__module__], "OPTION_WORDS", {})
+        print(f"sa2va-rl {args.command}: error: {err.in_words(words)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"sa2va-rl {args.command}: interrupted", file=sys.stderr)

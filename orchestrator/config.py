@@ -97,14 +97,19 @@ class WorkersConfig(_Section):
     """Per-worker in-memory cache bound."""
 
 
+def _one_prompt_decision() -> dict[Experiment, int]:
+    return {"prompt": 1, "reward": 1}
+
+
 class EnvConfig(_Section):
     max_steps: int = Field(3, ge=1, le=50)
     """Steps per episode (one image per episode) of every experiment not in ``episode_steps``;
     also the depth of the post-processing oracle and of the op-sequence baselines."""
-    episode_steps: dict[Experiment, int] = Field(default_factory=dict)
-    """Steps per episode by experiment, overriding ``max_steps`` (e.g. ``{prompt: 1, reward: 1}``:
-    one prompt decision per image, a contextual bandit; each prompt step replaces the mask, so
-    only the last one counts)."""
+    episode_steps: dict[Experiment, int] = Field(default_factory=_one_prompt_decision)
+    """Steps per episode by experiment, overriding ``max_steps``. Default: one prompt decision
+    per image (a contextual bandit) for the prompt and reward-guided experiments: a prompt step
+    replaces the mask, so in a longer episode only the last prompt counts. The original team's
+    3-step prompt episodes: ``{prompt: 3, reward: 3}``."""
     prompts: tuple[str, ...] = CANDIDATE_PROMPTS
     """Candidate prompts the prompt policies choose from."""
     default_prompt: str = DEFAULT_PROMPT
@@ -135,18 +140,27 @@ class PpoConfig(_Section):
     num_envs: int = Field(2, ge=1, le=64)
     """Vectorised environments per PPO trial."""
     lr: float = Field(3e-4, gt=0, le=1)
+    """Adam learning rate of policy and value network (RLlib's default is 5e-5)."""
     gamma: float = Field(0.99, ge=0, le=1)
+    """Discount factor of future rewards."""
     gae_lambda: float = Field(0.95, ge=0, le=1)
+    """GAE lambda: 1 is Monte-Carlo returns, 0 one-step TD (RLlib's default is 1.0)."""
     clip_param: float = Field(0.2, gt=0, le=1)
+    """PPO's clip range of the probability ratio (RLlib's default is 0.3)."""
     entropy_coeff: float = Field(0.01, ge=0)
+    """Weight of the entropy bonus (keeps exploring prompts and ops)."""
     vf_loss_coeff: float = Field(0.5, ge=0)
+    """Weight of the value-function loss in the total loss."""
     train_batch_size: int = Field(256, ge=8)
     """Env steps per PPO iteration."""
     minibatch_size: int = Field(64, ge=1)
+    """Env steps per gradient step (at most ``train_batch_size``)."""
     num_epochs: int = Field(10, ge=1)
+    """Passes over each iteration's batch."""
     hidden: tuple[int, ...] = (128, 64)
     """Separate policy and value MLPs with these hidden sizes."""
     seed: int = Field(0, ge=0)
+    """Seed of RLlib (network init, sampling) and of the envs' image choice."""
     normalize_observations: bool = True
     """Standardise every observation feature with the mean/std of random-policy observations on
     the training images (no ground truth), fixed before training and saved with the policy.

@@ -19,7 +19,7 @@ metrics; they differ only in the environment class and its keywords (:func:`env_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +28,12 @@ import gymnasium as gym
 
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
 from envs.normalisation import NormalisedObservation, ObservationStats
+from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
+from envs.sources import DataRef, load_split
+from models.reward_net import RewardScorer, load_checkpoint
 from orchestrator.config import RunConfig, config_to_dict, parse_config
+from orchestrator.run_dir import RunPaths
 
 if TYPE_CHECKING:
     from models.segmentation import Segmenter
@@ -112,8 +116,9 @@ class TrialSpec:
         root: the run directory.
         workers: the segmentation workers' Ray names (empty: in-process workers).
         backend_id: the workers' backend id (ties checkpoints and policies to it).
-        data_dir: the dataset directory.
-        manifest_hash: the split manifest's hash (ties checkpoints to the split).
+        data: the run's data reference (every data setting; the split manifest and its hash).
+        gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
+            for trials); 0: it runs on the CPU.
     """
 
     trial: Trial
@@ -121,8 +126,17 @@ class TrialSpec:
     root: str
     workers: tuple[str, ...]
     backend_id: str
-    data_dir: str
-    manifest_hash: str
+    data: DataRef
+    gpu_mem_mb: int = 0
+
+    @property
+    def manifest_hash(self) -> str:
+        """The split manifest's hash (ties checkpoints and policies to the split)."""
+        return self.data.manifest_hash
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(Path(self.root))
 
     def to_param(self) -> dict[str, Any]:
         """The plain-data form Tune stores in ``params.json``."""
@@ -132,8 +146,8 @@ class TrialSpec:
             "root": self.root,
             "workers": list(self.workers),
             "backend_id": self.backend_id,
-            "data_dir": self.data_dir,
-            "manifest_hash": self.manifest_hash,
+            "data": self.data.to_dict(),
+            "gpu_mem_mb": self.gpu_mem_mb,
         }
 
     @classmethod
@@ -145,8 +159,8 @@ class TrialSpec:
             root=str(param["root"]),
             workers=tuple(param["workers"]),
             backend_id=str(param["backend_id"]),
-            data_dir=str(param["data_dir"]),
-            manifest_hash=str(param["manifest_hash"]),
+            data=DataRef.from_dict(param["data"]),
+            gpu_mem_mb=int(param.get("gpu_mem_mb", 0)),
         )
 
 
@@ -165,53 +179,59 @@ class TrialOutcome:
     checkpoint: Path | None
 
 
-def env_kwargs(
-    spec: Trial,
-    config: RunConfig,
-    data: dict[str, Any],
-    *,
-    reward_net: str | None = None,
-    backend_id: str | None = None,
-    manifest_hash: str | None = None,
-) -> dict[str, Any]:
-    """Keywords of the trial's environment class, without the segmenter (added in-process).
-
-    ``data`` holds the data keywords: ``{"data", "manifest", "split", "max_images"}`` in a
-    trial, or ``{"samples": [...]}`` in evaluation.
-    """
+def env_settings(spec: Trial, config: RunConfig) -> dict[str, Any]:
+    """The config's keywords for the trial's environment class (episode, prompts, mask ops);
+    the samples, segmenter and reward scorer are injected by :func:`build_env`."""
     env = config.env
     common: dict[str, Any] = {
-        **data,
         "max_steps": env.steps_for(spec.experiment),
         "recall_weight": env.recall_weight,
     }
-    if spec.env_class is None:
-        raise ValueError(f"trial {spec.name!r} has no environment")
     if spec.env_class is PostProcessEnv:
         return {**common, "base_prompt": env.default_prompt, "mask_ops": dict(config.mask_ops)}
-    prompts = {"prompts": list(env.prompts), "default_prompt": env.default_prompt}
-    if not spec.needs_reward_net:
-        return {**common, **prompts}
-    return {
-        **common,
-        **prompts,
-        "reward_net": reward_net,
-        "expected_backend_id": backend_id,
-        "expected_manifest_hash": manifest_hash,
-    }
+    return {**common, "prompts": list(env.prompts), "default_prompt": env.default_prompt}
 
 
-def build_env(spec: Trial, segmenter: Segmenter, kwargs: Mapping[str, Any]) -> SegmentationEnv:
-    """The trial's environment on ``segmenter`` with ``kwargs`` from :func:`env_kwargs`."""
+def build_env(
+    spec: Trial,
+    config: RunConfig,
+    samples: Sequence[Sample],
+    segmenter: Segmenter,
+    reward_scorer: RewardScorer | None = None,
+) -> SegmentationEnv:
+    """The trial's environment over ``samples`` and ``segmenter`` with the config's settings
+    (``reward_scorer``: the run's reward net, for a trial that needs one)."""
     if spec.env_class is None:
         raise ValueError(f"trial {spec.name!r} has no environment")
-    return spec.env_class(segmenter=segmenter, **dict(kwargs))
+    kwargs = env_settings(spec, config)
+    if spec.needs_reward_net:
+        if reward_scorer is None:
+            raise ValueError(f"trial {spec.name!r} needs the run's reward net")
+        kwargs["reward_net"] = reward_scorer
+    return spec.env_class(samples=samples, segmenter=segmenter, **kwargs)
 
 
-def make_env(env_config: dict[str, Any]) -> gym.Env[Any, Any]:
-    """Env creator registered with Tune: ``{"trial", "kwargs", "segmenter"}`` -> env, behind
-    the fixed observation normalisation when ``env_config["obs_stats"]`` holds one
-    (:meth:`ObservationStats.to_dict`)."""
-    env = build_env(trial(env_config["trial"]), env_config["segmenter"], env_config["kwargs"])
+def run_reward_scorer(spec: TrialSpec) -> RewardScorer:
+    """The run's reward net, refused unless made for this run's backend and split."""
+    return load_checkpoint(
+        spec.paths.reward_net, backend_id=spec.backend_id, manifest_hash=spec.manifest_hash
+    )
+
+
+def trial_env(
+    spec: TrialSpec, segmenter: Segmenter, split: str, max_images: int | None
+) -> SegmentationEnv:
+    """The environment of ``spec`` on ``split`` of the run's data (loaded once per process)."""
+    samples = load_split(spec.data, split, max_images)
+    scorer = run_reward_scorer(spec) if spec.trial.needs_reward_net else None
+    return build_env(spec.trial, spec.run, samples, segmenter, scorer)
+
+
+def make_env(env_config: Mapping[str, Any]) -> gym.Env[Any, Any]:
+    """Env creator registered with Tune: ``{"spec": TrialSpec.to_param(), "segmenter"}`` ->
+    the trial's training environment, behind the fixed observation normalisation when
+    ``env_config["obs_stats"]`` holds one (:meth:`ObservationStats.to_dict`)."""
+    spec = TrialSpec.from_param(env_config["spec"])
+    env = trial_env(spec, env_config["segmenter"], "train", spec.run.data.max_train_images)
     stats = env_config.get("obs_stats")
     return env if stats is None else NormalisedObservation(env, ObservationStats.from_dict(stats))

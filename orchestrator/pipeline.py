@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
-from envs.split import check_manifest_matches, read_manifest, split_dataset, write_manifest
 from models.errors import UserError
 from orchestrator.config import RunConfig, config_to_dict, load_config, parse_config
+from orchestrator.data import PreparedData, prepare_data
 from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
 
@@ -53,10 +52,13 @@ class RunOptions:
     num_cpus: int | None = None
     cache_dir: str | None = None
     inventory: str | None = None
+    experiments: tuple[str, ...] | None = None
 
     def overrides(self) -> dict[str, Any]:
         """Config keys the flags override (nested, like the YAML)."""
         out: dict[str, Any] = {}
+        if self.experiments is not None:
+            out["experiments"] = list(self.experiments)
         if self.data is not None:
             out.setdefault("data", {})["path"] = self.data
         if self.backend is not None:
@@ -113,50 +115,16 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
     config = load_config(config_path, options.overrides())
     check_model_source(config)  # before the run directory exists: a fixed re-run may reuse it
     if paths.root.exists() and any(paths.root.iterdir()):
-        raise UserError(
-            f"output directory {paths.root} already holds files; pass --resume to continue that "
-            "run, or choose another --output"
-        )
+        if not paths.is_attempt_before_tune():
+            raise UserError(
+                f"output directory {paths.root} already holds files; pass --resume to continue "
+                "that run, or choose another --output"
+            )
+        print(f"  {paths.root}: an earlier attempt stopped before Tune started; starting over")
+        paths.clear_attempt_before_tune()
     paths.root.mkdir(parents=True, exist_ok=True)
     write_text(paths.config, yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return config
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """The dataset directory, its split manifest and how many images each split has."""
-
-    data_dir: str
-    manifest_hash: str
-    split_sizes: dict[str, int]
-
-
-def prepare_data(config: RunConfig, paths: RunPaths) -> PreparedData:
-    """Generate the built-in data if needed, validate the dataset, write or check the split."""
-    data = config.data
-    if data.path is None:
-        data_dir = paths.synthetic_data
-        if not (data_dir / "annotations.json").is_file():
-            from envs.synthetic import write_dataset
-
-            write_dataset(data_dir, n=data.synthetic_n, seed=data.synthetic_seed)
-    else:
-        data_dir = Path(data.path).expanduser().resolve()
-    pattern = DEFAULT_GROUP_PATTERN if data.group_pattern == "default" else data.group_pattern
-    dataset = load_dataset(data_dir, fmt=data.format, group_pattern=pattern, skip_bad=data.skip_bad)
-    for entry, reason in dataset.skipped:
-        print(f"  skipped {entry}: {reason}")
-    if paths.manifest.is_file():
-        manifest = read_manifest(paths.manifest)
-        check_manifest_matches(manifest, dataset)
-    else:
-        split = split_dataset(dataset, data.split_fractions, data.split_seed)
-        manifest = write_manifest(
-            paths.manifest, dataset, split, data.split_seed, data.split_fractions, pattern
-        )
-    sizes = {name: len(getattr(manifest.split, name)) for name in ("train", "val", "test")}
-    print(f"  {len(dataset)} images from {data_dir} ({dataset.format}); split {sizes}")
-    return PreparedData(str(data_dir), manifest.manifest_hash, sizes)
 
 
 # --- Ray: GPU plan, cluster, workers ------------------------------------------------------------
@@ -328,7 +296,7 @@ def warm_up(
     from tqdm import tqdm
 
     from envs.sample import Sample
-    from envs.sources import load_samples
+    from envs.sources import load_split
 
     rl_cap, net_cap = config.data.max_train_images, config.reward_net.max_images
     splits = {
@@ -338,9 +306,7 @@ def warm_up(
     }
     ids: dict[str, Sample] = {}
     for split, cap in splits.items():
-        for sample in load_samples(
-            prepared.data_dir, split=split, manifest=paths.manifest, max_images=cap
-        ):
+        for sample in load_split(prepared.ref, split, cap):
             ids[sample.id] = sample
     prompts = list(config.env.prompts)
     for sample in tqdm(list(ids.values()), desc="  segmenting (cache warm-up)", unit="image"):
@@ -373,13 +339,17 @@ def run(options: RunOptions) -> int:
                 plan = gpu_plan(config, options.address)
             if plan is not None:
                 write_json(paths.gpu_plan, plan.to_json())
+            # Every refusal the plan can make comes here, before any worker starts.
+            trial_gpu_mb = tuning.trial_gpu_mem_mb(config, plan)
             workers = start_segmentation_workers(config, plan)
             client = SegmentationClient(workers)
             print(f"  workers {workers}, backend {client.backend_id}")
         with clock.stage("warmup", "cache warm-up"):
             warm_up(client, config, prepared, paths)
         with clock.stage("tune", "Tune: experiments as concurrent trials"):
-            grid = tuning.fit(options, config, paths, prepared, workers, client.backend_id, plan)
+            grid = tuning.fit(
+                options, config, paths, prepared, workers, client.backend_id, trial_gpu_mb
+            )
             trials = tuning.outcomes(grid)
         with clock.stage("evaluate", "evaluation on the test split"):
             from orchestrator.evaluation.stage import best_policy_paths, evaluate_run

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,24 @@ class RunPaths:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    def before_tune(self) -> tuple[Path, ...]:
+        """What a run writes before Tune starts (config, data, split, GPU plan, logs)."""
+        return (self.config, self.synthetic_data, self.manifest, self.gpu_plan, self.logs)
+
+    def is_attempt_before_tune(self) -> bool:
+        """Whether ``root`` holds only what an attempt that stopped before Tune wrote (a failed
+        data check or GPU plan): such a directory blocks nothing, a new run starts over in it."""
+        known = set(self.before_tune())
+        return not self.tune_dir.exists() and all(p in known for p in self.root.iterdir())
+
+    def clear_attempt_before_tune(self) -> None:
+        """Remove what :meth:`is_attempt_before_tune` found."""
+        for path in self.before_tune():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def temp_path(path: Path) -> Path:

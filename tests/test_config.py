@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from models.errors import UserError
-from orchestrator.config import CONFIG_DIR, RunConfig, load_config, parse_config
+from orchestrator.config import CONFIG_DIR, RunConfig, config_to_dict, load_config, parse_config
 
 
 def test_variants_compose_base() -> None:
@@ -88,10 +89,43 @@ def test_extends_and_file_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
+def test_base_yaml_states_the_schema_defaults() -> None:
+    """base.yaml spells out the defaults a user is most likely to change; a test keeps every
+    value it names equal to the schema's default, so the two never drift apart."""
+    written = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    defaults = config_to_dict(parse_config({}, source="defaults"))
+
+    def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    base, schema = leaves(written), leaves(defaults)
+    differs = {
+        key: (value, schema.get(key))
+        for key, value in base.items()
+        if key != "extends" and _normal(value) != _normal(schema.get(key))
+    }
+    assert differs == {}
+
+
+def _normal(value: object) -> object:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 def test_episode_shape_and_normalisation_keys() -> None:
     default = parse_config({})
     assert default.ppo.normalize_observations and default.ppo.normalization_steps == 512
-    assert [default.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [3, 3, 3]
+    # One prompt decision per image; post-processing keeps max_steps (3).
+    assert [default.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [1, 3, 1]
+    original = load_config(
+        CONFIG_DIR / "quick.yaml", {"env": {"episode_steps": {"prompt": 3, "reward": 3}}}
+    )
+    assert [original.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [3, 3, 3]
     bandit = parse_config({"env": {"max_steps": 2, "episode_steps": {"prompt": 1}}})
     assert [bandit.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [1, 2, 2]
     raw = parse_config({"ppo": {"normalize_observations": False}})

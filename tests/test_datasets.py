@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 from PIL import ImageFile
 
-from envs.datasets import (
-    DEFAULT_GROUP_PATTERN,
-    decode_rle_string,
-    load_dataset,
-    rle_to_mask,
-)
+from envs.dataset_coco import decode_rle_string
+from envs.dataset_files import rle_to_mask
+from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
 from models.errors import UserError
 
 H, W = 64, 48

@@ -14,6 +14,7 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
 from envs.sample import Sample
+from envs.sources import load_samples
 from models.errors import UserError
 from models.metrics import dice
 from models.prompts import DEFAULT_PROMPT
@@ -261,10 +262,15 @@ def test_envs_from_each_dataset_format(tmp_path: Path, fmt: str) -> None:
     _write_dataset(tmp_path, fmt)
     seg = DarknessSegmenter()
     built = [
-        PromptSelectionEnv(data=tmp_path, split="all", segmenter=seg, prompts=PROMPTS),
-        PostProcessEnv(data=tmp_path, split="train", segmenter=seg),
+        PromptSelectionEnv(
+            samples=load_samples(tmp_path, split="all"), segmenter=seg, prompts=PROMPTS
+        ),
+        PostProcessEnv(samples=load_samples(tmp_path, split="train"), segmenter=seg),
         RewardGuidedPromptEnv(
-            data=tmp_path, split="all", segmenter=seg, prompts=PROMPTS, reward_net=_scorer()
+            samples=load_samples(tmp_path, split="all", require_masks=False),
+            segmenter=seg,
+            prompts=PROMPTS,
+            reward_net=_scorer(),
         ),
     ]
     for env in built:

@@ -28,9 +28,11 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from tiny_sa2va import write_tiny_sa2va
 
+from envs.sources import DataRef
 from models.errors import UserError
 from orchestrator import pipeline
 from orchestrator.config import CONFIG_DIR, load_config
+from orchestrator.data import PreparedData
 from orchestrator.gpu import budget as gb
 from orchestrator.gpu import inventory as gpu_inventory
 from orchestrator.run_dir import RunPaths
@@ -159,7 +161,7 @@ def test_a_folder_some_node_does_not_see_is_refused(
     local, _dashboard, node_ids = cluster
     root, _code = sa2va_run
     config = load_config(str(root / "config.yaml"))
-    prepared = pipeline.PreparedData(str(tmp_path / "absent"), "", {})
+    prepared = PreparedData(DataRef(str(tmp_path / "absent")), {})
     ray.init(address=local.address, log_to_driver=False)
     try:
         with pytest.raises(UserError) as refused:

@@ -150,3 +150,39 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
     # The warm-up finished before the kill: every pair is served from the disk cache.
     assert summary["inference"]["forward_passes"] == 0
     assert sum(1 for _ in cache.rglob("*.npz")) == forward_before
+
+
+@pytest.mark.slow
+def test_skip_bad_run_after_a_failed_attempt_into_the_same_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad entry stops stage 2 with the run's own words; the corrected re-run into the same
+    --output (data.skip_bad: true) starts over there and completes: every later stage loads the
+    data with skip_bad too."""
+    from envs.synthetic import write_dataset
+
+    data = write_dataset(tmp_path / "data", n=24, seed=3, frames_per_video=4, progress=False)
+    bad = sorted((data / "images").iterdir())[5]
+    bad.write_bytes(b"not an image")
+    strict, lenient = tmp_path / "strict.yaml", tmp_path / "lenient.yaml"
+    smoke = Path(__file__).parent.parent / "tune_configs" / "smoke.yaml"
+    strict.write_text(f"extends: {smoke}\ndata:\n  path: {data}\n")
+    lenient.write_text(f"extends: {strict}\ndata:\n  skip_bad: true\n")
+    root, cache = tmp_path / "run", tmp_path / "cache"
+
+    def run_with(config: Path) -> int:
+        args = smoke_args(root, cache)
+        args[args.index("--config") + 1] = str(config)
+        return main(args)
+
+    assert run_with(strict) == 2
+    err = capsys.readouterr().err
+    assert f"cannot decode image {bad}" in err
+    assert "data.skip_bad: true in the --config file" in err and "--skip-bad" not in err
+    assert run_with(lenient) == 0
+    out = capsys.readouterr().out
+    assert "an earlier attempt stopped before Tune started; starting over" in out
+    assert f"skipped entry 5 ('{bad.name}'): cannot decode image" in out
+    summary = json.loads((root / "summary.json").read_text())
+    assert sum(summary["splits"].values()) == 23
+    assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}

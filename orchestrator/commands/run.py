@@ -36,9 +36,17 @@ Exit codes: 0 all trials finished, 1 a trial failed (see report.md), 2 bad input
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.commands.words import CONFIG_WORDS
+
+if TYPE_CHECKING:
+    from orchestrator.pipeline import RunOptions
 
 DEFAULT_OUTPUT = "runs/quick"
+
+OPTION_WORDS = CONFIG_WORDS
+"""How errors name settings for this command (see :mod:`orchestrator.commands.words`)."""
 
 
 def register(subparsers: Any) -> None:
@@ -48,6 +56,12 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``run`` (``train`` shares them)."""
     parser.add_argument(
         "--config",
         metavar="YAML",
@@ -109,25 +123,29 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="do not start the Ray dashboard with the local Ray",
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.pipeline import RunOptions
     from orchestrator.pipeline import run as run_pipeline
 
-    return run_pipeline(
-        RunOptions(
-            config=args.config,
-            data=args.data,
-            backend=args.backend,
-            model_path=args.model_path,
-            output=args.output,
-            address=args.address,
-            resume=args.resume,
-            dashboard=not args.no_dashboard,
-            num_cpus=args.num_cpus,
-            cache_dir=args.cache_dir,
-            inventory=args.inventory,
-        )
+    return run_pipeline(run_options(args))
+
+
+def run_options(args: argparse.Namespace, **more: Any) -> RunOptions:
+    """The :class:`~orchestrator.pipeline.RunOptions` of parsed ``run`` flags."""
+    from orchestrator.pipeline import RunOptions
+
+    return RunOptions(
+        config=args.config,
+        data=args.data,
+        backend=args.backend,
+        model_path=args.model_path,
+        output=args.output,
+        address=args.address,
+        resume=args.resume,
+        dashboard=not args.no_dashboard,
+        num_cpus=args.num_cpus,
+        cache_dir=args.cache_dir,
+        inventory=args.inventory,
+        **more,
     )

@@ -37,9 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from orchestrator.commands.words import CONFIG_WORDS
+
 DEFAULT_OUTPUT = "runs/reward_net"
 CHECKPOINT_FILE = "best_reward_net.pt"
 REPORT_FILE = "report.json"
+
+OPTION_WORDS = CONFIG_WORDS
+"""How errors name settings for this command (see :mod:`orchestrator.commands.words`)."""
 
 
 def register(subparsers: Any) -> None:
@@ -129,7 +134,7 @@ class _Data(NamedTuple):
 def _prepare_data(config: Any, args: argparse.Namespace, output: Path) -> _Data:
     from envs.datasets import load_dataset
     from envs.split import check_manifest_matches, read_manifest
-    from orchestrator.pipeline import prepare_data
+    from orchestrator.data import prepare_data
     from orchestrator.run_dir import RunPaths
 
     if args.manifest is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from envs.mask_ops import MaskOpsConfig
 from envs.normalisation import fit_stats
 from envs.sample import Sample
-from envs.sources import load_samples
+from envs.sources import load_split
+from models.reward_net import RewardScorer, load_checkpoint
 from models.segmentation import Segmenter
 from orchestrator.config import RunConfig
 from orchestrator.evaluation.baselines import (
@@ -43,17 +44,15 @@ from orchestrator.experiments import (
     COMBINED_OF,
     POSTPROCESS,
     PROMPT,
-    Trial,
     TrialOutcome,
     build_env,
-    env_kwargs,
     trial,
 )
 from orchestrator.run_dir import BEST_POLICY_FILE, RunPaths
 
 if TYPE_CHECKING:
+    from orchestrator.data import PreparedData
     from orchestrator.inference.client import SegmentationClient
-    from orchestrator.pipeline import PreparedData
 
 
 def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
@@ -77,7 +76,7 @@ class Learners:
     ops_table: SequenceTable
 
 
-def fit_learners(config: RunConfig, train: list[Sample], segmenter: Segmenter) -> Learners:
+def fit_learners(config: RunConfig, train: Sequence[Sample], segmenter: Segmenter) -> Learners:
     """The bandit (``ppo.total_env_steps`` interactions, seeded by ``ppo.seed``), the ridge
     pickers and the op-sequence table, all on ``train``."""
     ppo, env = config.ppo, config.env
@@ -89,20 +88,17 @@ def fit_learners(config: RunConfig, train: list[Sample], segmenter: Segmenter) -
     ops = MaskOpsConfig.from_dict(dict(config.mask_ops))
     depth = env.steps_for(POSTPROCESS.experiment)
     table = sequence_table(train, segmenter, env.default_prompt, ops, depth)
-    post_env = _env(POSTPROCESS, config, train, segmenter)
+    post_env = build_env(POSTPROCESS, config, train, segmenter)
     ops_picker = LinearPicker.fit(reset_observations(post_env, train), table.dice)
     return Learners(bandit, prompt_picker, ops_picker, table)
 
 
-def _env(spec: Trial, config: RunConfig, samples: list[Sample], segmenter: Segmenter, **kw: Any):
-    kwargs = env_kwargs(spec, config, {"samples": samples}, **kw)
-    return build_env(spec, segmenter, kwargs)
-
-
-def _prompt_env(config: RunConfig, samples: list[Sample], segmenter: Segmenter) -> Any:
+def _prompt_env(config: RunConfig, samples: Sequence[Sample], segmenter: Segmenter) -> Any:
     """The prompt env with one decision per image: what the prompt learners choose in."""
-    kwargs = {**env_kwargs(PROMPT, config, {"samples": samples}), "max_steps": 1}
-    return build_env(PROMPT, segmenter, kwargs)
+    one_step = config.model_copy(
+        update={"env": config.env.model_copy(update={"episode_steps": {"prompt": 1}})}
+    )
+    return build_env(PROMPT, one_step, samples, segmenter)
 
 
 def evaluate_run(
@@ -117,11 +113,8 @@ def evaluate_run(
     ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`)."""
     from orchestrator.training.ppo import ExportedPolicy
 
-    def split(name: str, cap: int | None) -> list[Sample]:
-        return load_samples(prepared.data_dir, split=name, manifest=paths.manifest, max_images=cap)
-
-    test = split("test", config.data.max_eval_images)
-    train = split("train", config.data.max_train_images)
+    test = load_split(prepared.ref, "test", config.data.max_eval_images)
+    train = load_split(prepared.ref, "train", config.data.max_train_images)
     examples = paths.examples_dir
     shutil.rmtree(examples, ignore_errors=True)  # a resumed run must not mix in stale masks
     policies: dict[str, Policy] = {t: ExportedPolicy.load(p).act for t, p in policy_files.items()}
@@ -132,12 +125,14 @@ def evaluate_run(
         flush=True,
     )
     fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
-    ids = {
-        "reward_net": str(paths.reward_net),
-        "backend_id": segmenter.backend_id,
-        "manifest_hash": prepared.manifest_hash,
-    }
-    setup = _Setup(config, segmenter, policies, learners, fixed, ids)
+    scorer = None
+    if any(trial(name).needs_reward_net for name in policies):
+        scorer = load_checkpoint(
+            paths.reward_net,
+            backend_id=segmenter.backend_id,
+            manifest_hash=prepared.manifest_hash,
+        )
+    setup = _Setup(config, segmenter, policies, learners, fixed, scorer)
     rows = _evaluate_split(setup, "test", make_evaluator(config, test, segmenter, examples))
     write_rows(paths.per_image_csv, rows)
     train_rows = _evaluate_split(setup, "train", make_evaluator(config, train, segmenter))
@@ -152,7 +147,7 @@ class _Setup:
     policies: dict[str, Policy]
     learners: Learners
     fixed_prompt: str
-    reward_net_ids: dict[str, Any]
+    scorer: RewardScorer | None
 
 
 def _evaluate_split(setup: _Setup, split: str, evaluator: Evaluator) -> list[ImageResult]:
@@ -164,9 +159,9 @@ def _evaluate_split(setup: _Setup, split: str, evaluator: Evaluator) -> list[Ima
         setup.policies,
         setup.learners,
     )
-    envs = {t: _env(trial(t), config, samples, segmenter, **setup.reward_net_ids) for t in policies}
+    envs = {t: build_env(trial(t), config, samples, segmenter, setup.scorer) for t in policies}
     prompt_env = _prompt_env(config, samples, segmenter)
-    post_env = _env(POSTPROCESS, config, samples, segmenter)
+    post_env = build_env(POSTPROCESS, config, samples, segmenter)
     table = learners.ops_table
     ops_pick = learners.ops_picker.pick
     # The baseline goes first: it picks the example images the later methods save masks of.

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from models.errors import UserError
+from models.errors import UserError, option
 from orchestrator.gpu.inventory import (
     INVENTORY_FORMAT,
     MB_PER_GB,
@@ -145,7 +145,7 @@ def custom_footprint(model_gb: float) -> Footprint:
     measured with nvidia-smi); the margin comes on top. No per-tile figure, so the input cap
     stays at its largest step."""
     if not model_gb > 0:
-        raise UserError(f"--model-gb must be a positive number of GB, got {model_gb!r}")
+        raise UserError(f"{option('model_gb')} must be a positive number of GB, got {model_gb!r}")
     return Footprint(f"custom ({model_gb:g} GB)", "segmenter", gb_to_mb(model_gb))
 
 
@@ -288,7 +288,8 @@ class GpuPlan:
             raise PlanError(
                 f"{what} needs {mb} MB of GPU memory, but the most any node has left for trials "
                 f"is {best} MB. Use a smaller segmentation model, free memory on a GPU, lower "
-                f"--margin-gb (now {mb_to_gb(self.margin_mb):g}), or run {what} on the CPU."
+                f"{option('margin_gb')} (now {mb_to_gb(self.margin_mb):g}), or run {what} on the "
+                "CPU."
             )
 
     @property
@@ -327,8 +328,8 @@ class GpuPlan:
             notes = "; ".join(f"{n.node}: {n.note}" for n in self.nodes if n.note)
             why = f" ({notes})" if notes else ""
             return (
-                f"no GPU found{why}. {head}. Use --model frangi (CPU, needs no GPU), run on a "
-                f"machine with a GPU, or declare GPUs to plan for: {INVENTORY_FORMAT}."
+                f"no GPU found{why}. {head}. Use {option('cpu_backend')} (CPU, needs no GPU), "
+                f"run on a machine with a GPU, or declare GPUs to plan for: {INVENTORY_FORMAT}."
             )
         best = max(self.all_gpus, key=lambda g: g.free_mb)
         fits = [
@@ -339,7 +340,7 @@ class GpuPlan:
         ]
         smaller = f"{' or '.join(fits)} would fit" if fits else "no Sa2VA size fits"
         room = best.free_mb - fp.worker_mb(INPUT_CAPS[-1])
-        margin_now = f"--margin-gb, now {mb_to_gb(margin):g} GB"
+        margin_now = f"{option('margin_gb')}, now {mb_to_gb(margin):g} GB"
         margin_hint = (
             f"lower the safety margin to at most {math.floor(room * 100 / MB_PER_GB) / 100:.2f} "
             f"GB ({margin_now})"
@@ -349,7 +350,8 @@ class GpuPlan:
         return (
             f"{head}, but the GPU with the most free memory, {best.node} GPU {best.gpu}, has "
             f"{best.free_mb} MB free ({best.total_mb} total, {best.used_mb} used). Do one of: "
-            f"use a smaller model with --model ({smaller}) or the CPU backend (--model frangi); "
+            f"use a smaller model with {option('model')} ({smaller}) or the CPU backend "
+            f"({option('cpu_backend')}); "
             f"free {need - best.free_mb} MB more on a GPU (stop other processes on it); "
             f"{margin_hint}."
         )

@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError
 
 from models.errors import UserError
 from orchestrator.inference.cache import DEFAULT_MEMORY_BYTES
-from orchestrator.inference.client import NAMESPACE
+from orchestrator.inference.transport import NAMESPACE
 from orchestrator.inference.worker import (
     DEFAULT_MIN_INPUT_CAP,
     BackendFactory,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 COUNTERS = (
@@ -173,7 +173,7 @@ class WorkerStats:
             self._ray.queue.set(value, tags=self._ray.tags)
 
 
-def aggregate_stats(per_worker: list[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate_stats(per_worker: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Totals over workers: counters, queue length and restarts summed; latency percentiles are
     the worst worker's (``latency_ms_p50_worst``, ``latency_ms_p95_worst``)."""
     total: dict[str, Any] = {name: sum(int(s[name]) for s in per_worker) for name in COUNTERS}

@@ -181,6 +181,41 @@ class SegmentationWorker:
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
 
+    def serve(
+        self,
+        digest: str,
+        hw: tuple[int, int],
+        prompts: Sequence[str],
+        image: np.ndarray | Callable[[], np.ndarray],
+        *,
+        trust_digest: bool = False,
+    ) -> list[Segmentation]:
+        """Every prompt's segmentation of the image with ``digest`` and height/width ``hw``, in
+        one call: cached answers by digest, the rest computed from ``image`` (the array, or a
+        callable fetching it, called only on a miss). Unless ``trust_digest`` (the caller holds
+        the same array), a miss re-hashes the pixels first, so a wrong digest can never store
+        an answer under another image's key."""
+        self._stats.request_started()
+        try:
+            pixels: np.ndarray | None = None
+            out = []
+            for prompt in map(str, prompts):
+                self._stats.count("requests")
+                hit = self._lookup(digest, prompt, hw)
+                if hit is not None:
+                    out.append(hit.segmentation)
+                    continue
+                if pixels is None:
+                    pixels = image() if callable(image) else image
+                    check_image(pixels)
+                    if not trust_digest and image_digest(pixels) != digest:
+                        raise ValueError(f"{self.name}: the image does not match its digest")
+                out.append(self._compute(pixels, digest, prompt, hw))
+            return out
+        finally:
+            self._stats.request_finished()
+            self._stats.sync_counts(self._cache.counters())
+
     def stats(self) -> dict[str, Any]:
         """Counters, queue length, latency percentiles, restarts, cap and cache size."""
         self._stats.sync_counts(self._cache.counters())
@@ -201,6 +236,11 @@ class SegmentationWorker:
         hit = self._lookup(digest, prompt, hw)
         if hit is not None:
             return hit.segmentation
+        return self._compute(image, digest, prompt, hw)
+
+    def _compute(
+        self, image: np.ndarray, digest: str, prompt: str, hw: tuple[int, int]
+    ) -> Segmentation:
         with self._model_lock:
             # Another request may have computed this pair while we waited for the lock.
             hit = self._lookup(digest, prompt, hw)

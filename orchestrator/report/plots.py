@@ -227,17 +227,19 @@ def plot_examples(
 
 
 def _load_examples(record: RunRecord, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, Any]]:
-    from envs.datasets import DEFAULT_GROUP_PATTERN, load_dataset
+    from envs.sources import validated_dataset
+    from orchestrator.data import data_dir, group_pattern
 
-    data = record.config.data
-    root = record.paths.synthetic_data if data.path is None else Path(data.path).expanduser()
+    root = data_dir(record.config, record.paths)
     if not root.exists():
         raise UserError(
             f"the run's dataset {root} is gone; the report's example overlays need its images: "
             "restore it (or rebuild the report where it exists)"
         )
-    pattern = DEFAULT_GROUP_PATTERN if data.group_pattern == "default" else data.group_pattern
-    dataset = load_dataset(root, fmt=data.format, group_pattern=pattern, skip_bad=data.skip_bad)
+    data = record.config.data
+    dataset = validated_dataset(
+        str(root), data.format, group_pattern(data), data.skip_bad, require_masks=True
+    )
     samples = {}
     for image_id in ids:
         sample = dataset.load(image_id)

@@ -29,7 +29,7 @@ from orchestrator.report.record import load_run
 from orchestrator.run_dir import RunPaths
 
 if TYPE_CHECKING:
-    from orchestrator.pipeline import PreparedData
+    from orchestrator.data import PreparedData
 
 if TYPE_CHECKING:
     pass

@@ -23,12 +23,11 @@ from ray.tune.registry import register_env
 from tensorboardX import SummaryWriter
 
 from envs.normalisation import ObservationStats, fit_stats
-from envs.sources import load_samples
 from orchestrator import metric_keys as mk
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.statistics import summarise
-from orchestrator.experiments import ENV_NAME, TrialSpec, build_env, env_kwargs, make_env
-from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, OBSERVATION_STATS_FILE, RunPaths
+from orchestrator.experiments import ENV_NAME, TrialSpec, make_env, trial_env
+from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, OBSERVATION_STATS_FILE
 from orchestrator.training.ppo import (
     ExportedPolicy,
     build_ppo_config,
@@ -69,25 +68,27 @@ def tensorboard_writer(trial_dir: Path) -> SummaryWriter:
     return SummaryWriter(str(trial_dir), filename_suffix=".sa2va-rl")
 
 
-def train_ppo(spec: TrialSpec, client: SegmentationClient, sink: ResultSink) -> dict[str, float]:
+def train_ppo(
+    spec: TrialSpec, client: SegmentationClient, sink: ResultSink, *, local: bool = False
+) -> dict[str, float]:
     """Train the PPO trial of ``spec`` to ``ppo.total_env_steps``; returns the last metrics
-    (with the best policy's ``eval/<metric>``)."""
-    run, paths = spec.run, RunPaths(Path(spec.root))
-    data = {
-        "data": spec.data_dir,
-        "manifest": str(paths.manifest),
-        "split": "train",
-        "max_images": run.data.max_train_images,
-    }
-    kwargs = env_kwargs(spec.trial, run, data, **reward_net_ids(spec))
-
+    (with the best policy's ``eval/<metric>``). ``local``: RLlib's PPO without Ray
+    (:class:`~orchestrator.training.local_ppo.LocalPPO`) instead of its ``Algorithm``."""
+    run = spec.run
     register_env(ENV_NAME, make_env)
-    env_config: dict[str, Any] = {"trial": spec.trial.name, "kwargs": kwargs, "segmenter": client}
+    env_config: dict[str, Any] = {"spec": spec.to_param(), "segmenter": client}
     with sink.restored() as directory:
-        stats = observation_stats(spec, client, kwargs, directory)
+        stats = observation_stats(spec, client, directory)
         if stats is not None:
             env_config["obs_stats"] = stats.to_dict()
-        algo = build_ppo_config(run.ppo, ENV_NAME, env_config).build_algo()
+        config = build_ppo_config(run.ppo, ENV_NAME, env_config)
+        algo: Any
+        if local:
+            from orchestrator.training.local_ppo import LocalPPO
+
+            algo = LocalPPO(config)
+        else:
+            algo = config.build_algo()
         best = BestPolicy(sink.trial_dir, stats)
         if directory is not None:
             algo.restore_from_path(directory / ALGO_DIR)
@@ -118,10 +119,7 @@ def train_ppo(spec: TrialSpec, client: SegmentationClient, sink: ResultSink) -> 
 
 
 def observation_stats(
-    spec: TrialSpec,
-    client: SegmentationClient,
-    kwargs: Mapping[str, Any],
-    checkpoint: Path | None,
+    spec: TrialSpec, client: SegmentationClient, checkpoint: Path | None
 ) -> ObservationStats | None:
     """The trial's fixed observation normalisation (``None`` with
     ``ppo.normalize_observations: false``): the checkpoint's when resuming, else the mean/std of
@@ -131,19 +129,11 @@ def observation_stats(
     if not ppo.normalize_observations:
         return None
     if checkpoint is not None and (checkpoint / OBSERVATION_STATS_FILE).is_file():
-        saved = json.loads((checkpoint / OBSERVATION_STATS_FILE).read_text())
-        return ObservationStats.from_dict(saved)
-    env = build_env(spec.trial, client, kwargs)
+        return ObservationStats.from_dict(
+            json.loads((checkpoint / OBSERVATION_STATS_FILE).read_text())
+        )
+    env = trial_env(spec, client, "train", spec.run.data.max_train_images)
     return fit_stats(env, ppo.normalization_steps, seed=ppo.seed)
-
-
-def reward_net_ids(spec: TrialSpec) -> dict[str, Any]:
-    """The reward-net checkpoint and the ids it must carry (backend, split)."""
-    return {
-        "reward_net": str(RunPaths(Path(spec.root)).reward_net),
-        "backend_id": spec.backend_id,
-        "manifest_hash": spec.manifest_hash,
-    }
 
 
 class BestPolicy:
@@ -197,15 +187,8 @@ def evaluate_best(
     experiments; the run's report evaluates every method on the same images again."""
     run, method = spec.run, spec.trial.method
     assert method is not None, "a PPO trial has an evaluation method"
-    test = load_samples(
-        spec.data_dir,
-        split="test",
-        manifest=RunPaths(Path(spec.root)).manifest,
-        max_images=run.data.max_eval_images,
-    )
-    evaluator = make_evaluator(run, test, client)
-    kwargs = env_kwargs(spec.trial, run, {"samples": test}, **reward_net_ids(spec))
-    env = build_env(spec.trial, client, kwargs)
+    env = trial_env(spec, client, "test", run.data.max_eval_images)
+    evaluator = make_evaluator(run, env.samples, client)
     rows = evaluator.policy(method, env, ExportedPolicy.load(best.path).act)
     summary = summarise(rows)[method]
     return {mk.EVAL_METRICS[name]: est.mean for name, est in summary.metrics.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import ray
 from ray.util import metrics
 
 from orchestrator import metric_keys as mk
@@ -36,7 +37,10 @@ def _gauges() -> dict[str, Any]:
 
 
 def export_progress(experiment: str, results: dict[str, float]) -> None:
-    """Set the gauges of ``experiment`` from a result dict keyed by :mod:`metric_keys` names."""
+    """Set the gauges of ``experiment`` from a result dict keyed by :mod:`metric_keys` names
+    (nothing without Ray: ``sa2va-rl train --local`` has no dashboard to feed)."""
+    if not ray.is_initialized():
+        return
     for key, gauge in _gauges().items():
         if key in results:
             gauge.set(float(results[key]), tags={"experiment": experiment})

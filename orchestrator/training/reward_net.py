@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from envs.mask_ops import MaskOpsConfig
 from envs.reward_data import build_examples
 from envs.sample import Sample
-from envs.sources import load_samples
+from envs.sources import load_split
 from models import reward_net
 from models.reward_net import RewardExample, RewardNet, RewardNetReport, train_reward_net
 from models.segmentation import Segmenter
@@ -25,6 +24,7 @@ from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialSpec
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.progress_metrics import export_progress
+from orchestrator.training.reward_net_status import reporting_status
 from orchestrator.training.reward_predictions import (
     RewardNetPredictions,
     write_reward_net_predictions,
@@ -59,8 +59,10 @@ def fit(
     train: list[RewardExample],
     val: list[RewardExample],
     on_epoch: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> tuple[RewardNet, RewardNetReport]:
-    """Train with the config's reward-net hyper-parameters (best epoch by validation MAE)."""
+    """Train with the config's reward-net hyper-parameters (best epoch by validation MAE) on
+    ``device``."""
     cfg = config.reward_net
     return train_reward_net(
         train,
@@ -70,6 +72,7 @@ def fit(
         lr=cfg.lr,
         seed=cfg.seed,
         on_epoch=on_epoch,
+        device=device,
     )
 
 
@@ -78,17 +81,22 @@ def train_run_reward_net(
 ) -> dict[str, float]:
     """The reward-net trial: examples of the train and val splits, training with one result
     per epoch, then ``reward_net/best_reward_net.pt`` (tied to the run's backend and split),
-    ``report.json`` and ``val_predictions.csv``. Returns the final metrics."""
+    ``report.json`` and ``val_predictions.csv``; ``status.json`` says RUNNING, then READY or
+    FAILED with the reason (:mod:`~orchestrator.training.reward_net_status`). Returns the final
+    metrics."""
+    with reporting_status(spec.paths):
+        return _train(spec, segmenter, sink)
+
+
+def _train(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str, float]:
     from orchestrator.training.loop import tensorboard_writer
 
-    run, paths = spec.run, RunPaths(Path(spec.root))
+    run, paths = spec.run, spec.paths
     cfg = run.reward_net
     writer = tensorboard_writer(sink.trial_dir)
     examples = {}
     for split in ("train", "val"):
-        samples = load_samples(
-            spec.data_dir, split=split, manifest=paths.manifest, max_images=cfg.max_images
-        )
+        samples = load_split(spec.data, split, cfg.max_images)
         examples[split] = examples_for(run, samples, segmenter)
 
     def on_epoch(epoch: int, val_mae: float) -> None:
@@ -96,7 +104,12 @@ def train_run_reward_net(
         export_progress(spec.trial.name, {mk.REWARD_NET_VAL_MAE: val_mae})
         sink.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
 
-    model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch)
+    device = "cpu"
+    if spec.gpu_mem_mb:
+        from orchestrator.gpu.budget import trial_cuda_device
+
+        device = trial_cuda_device() or "cpu"
+    model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch, device=device)
     writer.close()
     reward_net.save_checkpoint(
         paths.reward_net,

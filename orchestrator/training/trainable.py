@@ -21,7 +21,7 @@ from orchestrator.experiments import TrialSpec
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.reward_net import train_run_reward_net
-from orchestrator.training.wait import wait_for_reward_net
+from orchestrator.training.reward_net_status import wait_for_reward_net
 
 
 class TuneSink:
@@ -54,5 +54,5 @@ def run_trial(param: dict[str, Any]) -> None:
         train_run_reward_net(spec, client, TuneSink())
         return
     if spec.trial.needs_reward_net:
-        wait_for_reward_net(spec)
+        wait_for_reward_net(spec.paths)
     train_ppo(spec, client, TuneSink())

@@ -2,9 +2,10 @@
 
 Trial resources: each trial samples in its own process (no extra env-runner actors), so it
 needs one CPU share. On a 2-CPU machine four trials get 0.5 CPU each and all run at once; on a
-cluster each gets a whole CPU. The reward-net trial also asks for ``gpu_mem_mb`` when the GPU
-plan left memory for trials, so Tune queues it until that memory is free instead of letting it
-OOM next to a Sa2VA worker.
+cluster each gets a whole CPU. Trials that use a GPU (the registry's ``uses_gpu``: reward-net
+training) also ask for ``gpu_mem_mb`` when the GPU plan left memory for trials, so Tune queues
+them until that memory is free instead of letting them OOM next to a Sa2VA worker; the plan's
+refusal, if any, came in stage 3 (:func:`trial_gpu_mem_mb`), before any worker started.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from ray import tune
 from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
 from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
+from orchestrator.training.reward_net_status import clear_failed
 from orchestrator.training.trainable import run_trial
 
 if TYPE_CHECKING:
+    from orchestrator.data import PreparedData
     from orchestrator.gpu.budget import GpuPlan
-    from orchestrator.pipeline import PreparedData, RunOptions
+    from orchestrator.pipeline import RunOptions
 
 MAX_FAILURES = 2
 """Retries of a failed trial (from its last checkpoint) before it is reported as errored."""
@@ -35,23 +38,30 @@ def trial_cpus(n_trials: int) -> float:
     return max(0.1, min(1.0, round(total / n_trials, 2)))
 
 
-def resources_for(
-    cpus: float, plan: GpuPlan | None
-) -> Callable[[dict[str, Any]], dict[str, float]]:
-    """Per-trial resource request (a function of the trial's config, as Tune allows)."""
+def resources_for(cpus: float, gpu_mem_mb: int) -> Callable[[dict[str, Any]], dict[str, float]]:
+    """Per-trial resource request (a function of the trial's config, as Tune allows): only a
+    trial that uses a GPU asks for ``gpu_mem_mb`` (and only when the plan left any)."""
     from orchestrator.gpu import budget as gb
 
-    gpu_mb = 0
-    if plan is not None and any(node.gpu_mem_mb for node in plan.nodes):
-        plan.require_trial_memory(gb.REWARD_NET_TRAIN_MB, "reward-net training")
-        gpu_mb = gb.REWARD_NET_TRAIN_MB
-
     def request(config: dict[str, Any]) -> dict[str, float]:
-        if trial(config["trial"]).uses_gpu and gpu_mb:
-            return gb.trial_resources(gpu_mb, cpus=cpus)
+        if trial(config["trial"]).uses_gpu and gpu_mem_mb:
+            return gb.trial_resources(gpu_mem_mb, cpus=cpus)
         return {"cpu": cpus}
 
     return request
+
+
+def trial_gpu_mem_mb(config: RunConfig, plan: GpuPlan | None) -> int:
+    """MB of GPU memory each GPU-using trial of ``config`` reserves: reward-net training's
+    footprint when the plan left GPU memory for trials, else 0 (it trains on the CPU). Raises
+    the plan's refusal when some memory is left but too little (call it in stage 3)."""
+    from orchestrator.gpu import budget as gb
+
+    users = [t for t in trials_for(config) if t.uses_gpu]
+    if not users or plan is None or not any(node.gpu_mem_mb for node in plan.nodes):
+        return 0
+    plan.require_trial_memory(gb.REWARD_NET_TRAIN_MB, "reward-net training")
+    return gb.REWARD_NET_TRAIN_MB
 
 
 def fit(
@@ -61,13 +71,14 @@ def fit(
     prepared: PreparedData,
     workers: list[str],
     backend_id: str,
-    plan: GpuPlan | None,
+    gpu_mem_mb: int,
 ) -> tune.ResultGrid:
-    """Run (or, with ``--resume``, continue) all trials; returns Tune's ResultGrid."""
+    """Run (or, with ``--resume``, continue) all trials; returns Tune's ResultGrid.
+    ``gpu_mem_mb``: what each GPU-using trial reserves (:func:`trial_gpu_mem_mb`, stage 3)."""
     trials = trials_for(config)
     cpus = trial_cpus(len(trials))
     # Tune also accepts a function returning a resource dict (its stub names only PGFs).
-    trainable = tune.with_resources(run_trial, resources_for(cpus, plan))  # type: ignore[arg-type]
+    trainable = tune.with_resources(run_trial, resources_for(cpus, gpu_mem_mb))  # type: ignore[arg-type]
     specs = [
         TrialSpec(
             trial=t,
@@ -75,8 +86,8 @@ def fit(
             root=str(paths.root),
             workers=tuple(workers),
             backend_id=backend_id,
-            data_dir=prepared.data_dir,
-            manifest_hash=prepared.manifest_hash,
+            data=prepared.ref,
+            gpu_mem_mb=gpu_mem_mb if t.uses_gpu else 0,
         ).to_param()
         for t in trials
     ]
@@ -84,6 +95,8 @@ def fit(
     param_space = {**specs[0], "trial": tune.grid_search([s["trial"] for s in specs])}
     names = [t.name for t in trials]
     print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
+    if any(t.trains_reward_net for t in trials):
+        clear_failed(paths)  # the reward-net trial runs (again): its last failure is history
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
         print(f"  resuming the Tune experiment in {paths.tune_dir}")
         tuner = tune.Tuner.restore(

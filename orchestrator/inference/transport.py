@@ -1,0 +1,179 @@
+"""How a :class:`~orchestrator.inference.client.SegmentationClient` reaches one worker.
+
+A :class:`WorkerTransport` is four calls (``serve``: cached answers, computing the missing ones;
+``stats``; ``backend_id``; ``name``) with two implementations:
+
+- :class:`RayTransport`: a named Ray actor (``inference.pool`` starts them), resolved lazily in
+  whichever process uses it, picklable (it travels in env configs to Tune trials). The image
+  goes to the object store once (``ray.put``) and only its reference travels with the call: a
+  worker with every answer cached never fetches it, a cold miss costs one round trip.
+- :class:`InProcessTransport`: a :class:`~orchestrator.inference.worker.SegmentationWorker`
+  object in this process (``sa2va-rl train --local``, tests): no Ray at all.
+
+A transport that cannot reach its worker raises :class:`WorkerUnavailable`; the client retries
+those with back-off (a restarting Ray actor) and passes every other error to its caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.segmentation import Segmentation
+from orchestrator.inference.worker import SegmentationWorker
+
+NAMESPACE = "sa2va_rl"
+"""The Ray namespace of the worker pool."""
+
+
+class WorkerUnavailable(Exception):
+    """The transport could not reach its worker (it may be restarting): worth a retry."""
+
+
+class SegmentationWorkerUnavailableError(RuntimeError):
+    """A worker did not answer within the client's retry budget, or does not exist."""
+
+
+class WorkerTransport(Protocol):
+    """One worker as the client sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        """The segmentations of ``image`` (whose ``image_digest`` is ``digest``) for
+        ``prompts``, in order: cached ones by digest, the rest computed, in one call."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def backend_id(self) -> str: ...
+
+    def reset(self) -> None:
+        """Forget any resolved connection (the next call resolves the worker afresh)."""
+        ...
+
+
+class InProcessTransport:
+    """A worker object in this process. Not picklable: it holds the model itself."""
+
+    def __init__(self, worker: SegmentationWorker) -> None:
+        self.worker = worker
+
+    @property
+    def name(self) -> str:
+        return self.worker.name
+
+    def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        # Same process, same array: the client's digest is the image's, no second hash.
+        return self.worker.serve(digest, image_shape(image), prompts, image, trust_digest=True)
+
+    def stats(self) -> dict[str, Any]:
+        return self.worker.stats()
+
+    def backend_id(self) -> str:
+        return self.worker.backend_id()
+
+    def reset(self) -> None:
+        """Nothing to re-resolve in-process."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InProcessTransport:
+        return self  # RLlib copies env configs: every copy must share the one worker
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"InProcessTransport({self.name!r}) holds its worker in this process and cannot be "
+            "sent to another one; start Ray workers (inference.pool.start_workers) for that"
+        )
+
+
+def image_shape(image: np.ndarray) -> tuple[int, int]:
+    return int(image.shape[0]), int(image.shape[1])
+
+
+class RemoteImage:
+    """An image in Ray's object store, fetched by the worker only when it needs the pixels.
+    (Wrapped, so Ray does not resolve the reference before the call, as it does for a bare
+    top-level argument.)"""
+
+    def __init__(self, refs: list[Any]) -> None:
+        self.refs = refs
+
+    def __call__(self) -> np.ndarray:
+        import ray
+
+        image: np.ndarray = ray.get(self.refs[0])
+        return image
+
+
+class RayTransport:
+    """A named Ray actor, resolved lazily; pickles as its name and namespace."""
+
+    def __init__(self, name: str, namespace: str = NAMESPACE) -> None:
+        self._name = name
+        self.namespace = namespace
+        self._handle: Any = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_name": self._name, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handle = None
+
+    def __repr__(self) -> str:
+        return f"RayTransport({self._name!r}, namespace={self.namespace!r})"
+
+    def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        import ray
+
+        source = RemoteImage([ray.put(image)])
+        result: list[Segmentation] = self._call(
+            "serve", digest, image_shape(image), list(prompts), source
+        )
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("stats")
+        return result
+
+    def backend_id(self) -> str:
+        return str(self._call("backend_id"))
+
+    def reset(self) -> None:
+        self._handle = None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        import ray
+        from ray.exceptions import RayActorError
+
+        handle = self._resolve()
+        try:
+            return ray.get(getattr(handle, method).remote(*args))
+        except RayActorError as err:  # includes ActorDiedError and ActorUnavailableError
+            self._handle = None
+            raise WorkerUnavailable(f"{type(err).__name__}: {err}") from err
+
+    def _resolve(self) -> Any:
+        if self._handle is None:
+            import ray
+
+            try:
+                self._handle = ray.get_actor(self._name, namespace=self.namespace)
+            except ValueError:
+                raise SegmentationWorkerUnavailableError(
+                    f"segmentation worker {self._name!r} does not exist in Ray namespace "
+                    f"{self.namespace!r}: start the pool with start_workers(...) first, and "
+                    "keep the driver that started non-detached workers alive (they die with it)."
+                ) from None
+        return self._handle
+
+
+ImageSource = np.ndarray | Callable[[], np.ndarray]
+"""The pixels a worker computes from: the array itself, or a callable fetching it."""
