@@ -233,5 +233,13 @@ def make_env(env_config: Mapping[str, Any]) -> gym.Env[Any, Any]:
     ``env_config["obs_stats"]`` holds one (:meth:`ObservationStats.to_dict`)."""
     spec = TrialSpec.from_param(env_config["spec"])
     env = trial_env(spec, env_config["segmenter"], "train", spec.run.data.max_train_images)
+    return behind_normalisation(env, env_config)
+
+
+def behind_normalisation(
+    env: gym.Env[Any, Any], env_config: Mapping[str, Any]
+) -> gym.Env[Any, Any]:
+    """``env`` behind the fixed normalisation of ``env_config["obs_stats"]`` (as
+    :meth:`ObservationStats.to_dict` wrote it), or ``env`` itself when there is none."""
     stats = env_config.get("obs_stats")
     return env if stats is None else NormalisedObservation(env, ObservationStats.from_dict(stats))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from envs.environments import PromptSelectionEnv
+from envs.defaults import prompt_selection
 from envs.mask_ops import MaskOpsConfig, MaskState
 from envs.normalisation import ObservationStats, fit_stats
 from envs.op_tree import all_sequences, apply_sequence, sequence_states
@@ -47,7 +47,7 @@ def test_linucb_update_matches_the_closed_form() -> None:
 
 
 def test_bandit_on_the_prompt_env_picks_its_best_arm_per_image() -> None:
-    env = PromptSelectionEnv(max_steps=1, max_images=4)
+    env = prompt_selection(max_steps=1, max_images=4)
     samples = env.samples
     stats = fit_stats(env, 64, seed=0)
     bandit = train_bandit(env, 300, stats, seed=0)
@@ -57,7 +57,7 @@ def test_bandit_on_the_prompt_env_picks_its_best_arm_per_image() -> None:
     chosen = dice[np.arange(len(samples)), picks]
     assert chosen.mean() >= dice[:, 0].mean()  # never worse than the default prompt here
     with pytest.raises(ValueError, match="one decision per image"):
-        train_bandit(PromptSelectionEnv(max_steps=3, max_images=2), 1, stats, seed=0)
+        train_bandit(prompt_selection(max_steps=3, max_images=2), 1, stats, seed=0)
 
 
 def test_every_sequence_in_order_and_its_state() -> None:
@@ -75,7 +75,7 @@ def test_every_sequence_in_order_and_its_state() -> None:
 
 
 def test_sequence_table_and_best_fixed_sequence() -> None:
-    env = PromptSelectionEnv(max_images=3)
+    env = prompt_selection(max_images=3)
     samples = env.samples
     table = sequence_table(samples, env.segmenter, env.default_prompt, OPS, 2)
     assert table.dice.shape == (3, 13)

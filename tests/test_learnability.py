@@ -20,17 +20,19 @@ observations.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import ray
 from ray.tune.registry import register_env
 
+from envs.environments import PromptSelectionEnv
 from envs.normalisation import fit_stats
 from envs.sample import Sample
 from models.segmentation import Segmentation
 from orchestrator.config import CONFIG_DIR, load_config
-from orchestrator.experiments import ENV_NAME, PROMPT, build_env, make_env
+from orchestrator.experiments import behind_normalisation
+from orchestrator.training.local_ppo import LocalPPO
 from orchestrator.training.ppo import ExportedPolicy, build_ppo_config, export_policy
 
 SIDE = 24
@@ -72,27 +74,39 @@ class ChoiceSegmenter:
         return Segmentation(mask=mask.copy(), prob=None)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+ENV_NAME = "learnability_fixture"
+
+
+def _env() -> PromptSelectionEnv:
+    # One decision per image: the project's prompt episode shape (env.episode_steps).
+    return PromptSelectionEnv(
+        samples=_samples(),
+        segmenter=ChoiceSegmenter(),
+        prompts=PROMPTS,
+        default_prompt="a",
+        max_steps=1,
+    )
+
+
+def _make_env(env_config: dict[str, Any]) -> Any:
+    return behind_normalisation(_env(), env_config)
 
 
 def _train_and_choose(normalise: bool, tmp_path: Path) -> dict[str, str]:
-    ppo = load_config(
+    config = load_config(
         CONFIG_DIR / "quick.yaml",
         {"ppo": {"total_env_steps": BUDGET, "normalize_observations": normalise}},
-    ).ppo
-    segmenter = ChoiceSegmenter()
-    kwargs = {"samples": _samples(), "prompts": PROMPTS, "default_prompt": "a", "max_steps": 1}
-    env_config = {"trial": PROMPT.name, "kwargs": kwargs, "segmenter": segmenter}
+    )
+    ppo = config.ppo
+    assert config.env.steps_for("prompt") == _env().max_steps == 1
+    env_config: dict[str, Any] = {}
     stats = None
     if ppo.normalize_observations:
-        stats = fit_stats(build_env(PROMPT, segmenter, kwargs), ppo.normalization_steps, ppo.seed)
+        stats = fit_stats(_env(), ppo.normalization_steps, ppo.seed)
         env_config["obs_stats"] = stats.to_dict()
-    register_env(ENV_NAME, make_env)
-    algo = build_ppo_config(ppo, ENV_NAME, env_config).build_algo()
+    register_env(ENV_NAME, _make_env)
+    # The trial's PPO, in-process without Ray (what `sa2va-rl train --local` runs).
+    algo = LocalPPO(build_ppo_config(ppo, ENV_NAME, env_config))
     try:
         steps = 0
         while steps < ppo.total_env_steps:
@@ -101,7 +115,7 @@ def _train_and_choose(normalise: bool, tmp_path: Path) -> dict[str, str]:
     finally:
         algo.stop()
     policy = ExportedPolicy.load(path)
-    env = build_env(PROMPT, segmenter, kwargs)  # raw observations: the policy normalises
+    env = _env()  # raw observations: the policy normalises them itself
     choices = {}
     for sample_id in EXPECTED:
         obs, _ = env.reset(options={"image_id": sample_id})
@@ -116,9 +130,10 @@ def test_fixture_dice_values() -> None:
     assert mask_metrics(WRONG, GT).dice == pytest.approx(2 * 16 / 80)
 
 
+@pytest.mark.slow  # about 45 s of CPU per case: RLlib PPO for 1,024 env steps
 @pytest.mark.parametrize("normalise", [True, False], ids=["normalised", "raw"])
 def test_ppo_learns_the_per_image_prompt_only_with_normalisation(
-    local_ray: None, tmp_path: Path, normalise: bool
+    tmp_path: Path, normalise: bool
 ) -> None:
     choices = _train_and_choose(normalise, tmp_path)
     if normalise:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.environments import PromptSelectionEnv
+from envs.defaults import prompt_selection
 from envs.normalisation import (
     CLIP,
     NormalisedObservation,
@@ -37,10 +37,10 @@ def test_stats_are_mean_and_std_with_constant_features_left_at_zero() -> None:
 
 
 def test_random_policy_stats_and_wrapper_on_the_prompt_env() -> None:
-    env = PromptSelectionEnv(max_steps=1, max_images=4)
+    env = prompt_selection(max_steps=1, max_images=4)
     obs = random_policy_observations(env, 12, seed=0)
     assert obs.shape == (25, env.observation_space.shape[0])  # 12 steps + 13 resets
-    again = random_policy_observations(PromptSelectionEnv(max_steps=1, max_images=4), 12, 0)
+    again = random_policy_observations(prompt_selection(max_steps=1, max_images=4), 12, 0)
     np.testing.assert_array_equal(obs, again)
     stats = fit_stats(env, 12, seed=0)
     wrapped = NormalisedObservation(env, stats)
