@@ -8,14 +8,14 @@ import pytest
 
 from envs.defaults import prompt_selection
 from envs.mask_ops import MaskOpsConfig, MaskState
-from envs.normalisation import ObservationStats, fit_stats
+from envs.normalisation import ObservationStats
 from envs.op_tree import all_sequences, apply_sequence, sequence_states
 from models.metrics import mask_metrics
 from orchestrator.evaluation.baselines import (
     LinearPicker,
     LinUCB,
-    prompt_dice,
-    reset_observations,
+    PromptOutcomes,
+    prompt_outcomes,
     sequence_table,
     train_bandit,
 )
@@ -46,18 +46,31 @@ def test_linucb_update_matches_the_closed_form() -> None:
     assert bandit.greedy(np.array([1.0, 0.0])) == 1  # arm 0 knows nothing: estimate 0 < 0.5
 
 
-def test_bandit_on_the_prompt_env_picks_its_best_arm_per_image() -> None:
+def test_prompt_outcomes_are_the_envs_rewards() -> None:
     env = prompt_selection(max_steps=1, max_images=4)
-    samples = env.samples
-    stats = fit_stats(env, 64, seed=0)
-    bandit = train_bandit(env, 300, stats, seed=0)
-    assert bandit.pulls.sum() == 300
-    dice = prompt_dice(samples, env.segmenter, env.prompts)
-    picks = [bandit.greedy(o) for o in reset_observations(env, samples)]
-    chosen = dice[np.arange(len(samples)), picks]
-    assert chosen.mean() >= dice[:, 0].mean()  # never worse than the default prompt here
+    outcomes = prompt_outcomes(env, env.samples)
+    assert outcomes.observations.shape == (4, env.observation_space.shape[0])
+    assert outcomes.default_index == 0
+    for i, s in enumerate(env.samples):
+        for action in range(len(env.prompts)):
+            obs, _ = env.reset(options={"image_id": s.id})
+            np.testing.assert_array_equal(obs, outcomes.observations[i])
+            _, reward, terminated, _, info = env.step(action)
+            assert terminated and reward == pytest.approx(outcomes.rewards[i, action])
+            assert info["gt_dice"] == pytest.approx(outcomes.dice[i, action])
     with pytest.raises(ValueError, match="one decision per image"):
-        train_bandit(prompt_selection(max_steps=3, max_images=2), 1, stats, seed=0)
+        prompt_outcomes(prompt_selection(max_steps=3, max_images=2), env.samples)
+
+
+def test_bandit_learns_a_context_dependent_arm() -> None:
+    # Two contexts; arm 1 pays on the first, arm 2 on the second, arm 0 (default) nothing.
+    rewards = np.array([[0.0, 0.05, -0.05], [0.0, -0.05, 0.05]])
+    observations = np.array([[0.50, 0.1], [0.51, 0.1]])  # the contexts differ by 0.01 only
+    outcomes = PromptOutcomes(observations, rewards, rewards + 0.7, default_index=0)
+    bandit = train_bandit(outcomes, 200, seed=0)
+    assert bandit.pulls.sum() == 200
+    assert [bandit.greedy(o) for o in observations] == [1, 2]
+    assert bandit.pulls[1] > bandit.pulls[0] and bandit.pulls[2] > bandit.pulls[0]
 
 
 def test_every_sequence_in_order_and_its_state() -> None:

@@ -2,7 +2,8 @@
 truth at test time.
 
 - ``bandit_prompt``: a linear contextual bandit (disjoint LinUCB) over the prompt env's
-  observation at reset, trained online with as many interactions as PPO gets env steps.
+  observation at reset, trained online with as many interactions as PPO gets env steps (one
+  decision per image, rewarded as the env rewards it; :class:`PromptOutcomes`).
 - ``supervised_prompt``: a ridge regression from that observation to every prompt's Dice,
   fitted on the training images; it picks the prompt with the highest predicted Dice.
 - ``supervised_ops``: the same over every post-processing op sequence up to the episode length
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.environments import PromptSelectionEnv
 from envs.mask_ops import MaskOpsConfig, MaskState
 from envs.normalisation import ObservationStats
 from envs.op_tree import OpSequence, all_sequences, sequence_states
@@ -114,33 +116,60 @@ class LinUCB:
         return int(np.argmax(theta @ self._context(observation)))
 
 
-def train_bandit(
-    env: SegmentationEnv, interactions: int, stats: ObservationStats, seed: int
-) -> LinUCB:
-    """LinUCB trained online in ``env`` (one decision per image: ``env.max_steps`` must be 1)
-    for ``interactions`` decisions on images the env draws with its RNG seeded by ``seed``."""
+@dataclass(frozen=True)
+class PromptOutcomes:
+    """What the one-step prompt env answers on every training image, computed once: the
+    observation at reset, and per prompt the objective (the env's reward is its change from the
+    default prompt's) and the ground-truth Dice. The env is deterministic per (image, prompt),
+    so a learner reading these interacts with exactly the env PPO trains in."""
+
+    observations: np.ndarray
+    """``(n_images, dim)``."""
+    objective: np.ndarray
+    """``(n_images, n_prompts)``."""
+    dice: np.ndarray
+    """``(n_images, n_prompts)``."""
+    default_index: int
+
+    @property
+    def rewards(self) -> np.ndarray:
+        """``(n_images, n_prompts)``: the env's one-step reward of each prompt."""
+        return self.objective - self.objective[:, [self.default_index]]
+
+
+def prompt_outcomes(env: PromptSelectionEnv, samples: Sequence[Sample]) -> PromptOutcomes:
+    """:class:`PromptOutcomes` of ``env`` (one decision per image) on ``samples``."""
     if env.max_steps != 1:
-        raise ValueError(f"the bandit makes one decision per image; env has {env.max_steps}")
-    bandit = LinUCB(len(env.action_names), stats)
-    obs, _ = env.reset(seed=seed)
-    for _ in range(interactions):
-        arm = bandit.choose(obs)
-        _, reward, _, _, _ = env.step(arm)
-        bandit.update(obs, arm, float(reward))
-        obs, _ = env.reset()
-    return bandit
-
-
-def prompt_dice(
-    samples: Sequence[Sample], segmenter: Segmenter, prompts: Sequence[str]
-) -> np.ndarray:
-    """``(n, n_prompts)``: ground-truth Dice of every prompt's mask on every sample."""
-    return np.array(
-        [
-            [mask_metrics(segmenter.segment(s.image, p).mask, s.mask).dice for p in prompts]  # type: ignore[arg-type]
-            for s in samples
-        ]
+        raise ValueError(
+            f"the prompt learners make one decision per image; env has {env.max_steps}"
+        )
+    objective, dice = [], []
+    for s in samples:
+        assert s.mask is not None
+        masks = [env.segmenter.segment(s.image, p).mask for p in env.prompts]
+        objective.append([env.objective.evaluate(s, m).value for m in masks])
+        dice.append([mask_metrics(m, s.mask).dice for m in masks])
+    return PromptOutcomes(
+        reset_observations(env, samples),
+        np.array(objective),
+        np.array(dice),
+        env.prompts.index(env.default_prompt),
     )
+
+
+def train_bandit(outcomes: PromptOutcomes, interactions: int, seed: int) -> LinUCB:
+    """LinUCB trained online for ``interactions`` decisions, each on a training image drawn
+    uniformly (seeded by ``seed``), rewarded as the env rewards that prompt; the context is
+    standardised with the training images' observation statistics."""
+    stats = ObservationStats.from_observations(outcomes.observations)
+    rewards = outcomes.rewards
+    bandit = LinUCB(rewards.shape[1], stats)
+    rng = np.random.default_rng(seed)
+    for image in rng.integers(len(rewards), size=interactions):
+        obs = outcomes.observations[image]
+        arm = bandit.choose(obs)
+        bandit.update(obs, arm, float(rewards[image, arm]))
+    return bandit
 
 
 @dataclass(frozen=True)

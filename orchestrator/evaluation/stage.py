@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from envs.mask_ops import MaskOpsConfig
-from envs.normalisation import fit_stats
 from envs.sample import Sample
 from envs.sources import load_split
 from models.reward_net import RewardScorer, load_checkpoint
@@ -27,7 +26,7 @@ from orchestrator.evaluation.baselines import (
     LinearPicker,
     LinUCB,
     SequenceTable,
-    prompt_dice,
+    prompt_outcomes,
     reset_observations,
     sequence_table,
     train_bandit,
@@ -80,11 +79,9 @@ def fit_learners(config: RunConfig, train: Sequence[Sample], segmenter: Segmente
     """The bandit (``ppo.total_env_steps`` interactions, seeded by ``ppo.seed``), the ridge
     pickers and the op-sequence table, all on ``train``."""
     ppo, env = config.ppo, config.env
-    bandit_env = _prompt_env(config, train, segmenter)
-    stats = fit_stats(bandit_env, ppo.normalization_steps, seed=ppo.seed)
-    bandit = train_bandit(bandit_env, ppo.total_env_steps, stats, seed=ppo.seed)
-    dice = prompt_dice(train, segmenter, env.prompts)
-    prompt_picker = LinearPicker.fit(reset_observations(bandit_env, train), dice)
+    outcomes = prompt_outcomes(_prompt_env(config, train, segmenter), train)
+    bandit = train_bandit(outcomes, ppo.total_env_steps, seed=ppo.seed)
+    prompt_picker = LinearPicker.fit(outcomes.observations, outcomes.dice)
     ops = MaskOpsConfig.from_dict(dict(config.mask_ops))
     depth = env.steps_for(POSTPROCESS.experiment)
     table = sequence_table(train, segmenter, env.default_prompt, ops, depth)
