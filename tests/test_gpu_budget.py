@@ -445,3 +445,22 @@ def test_read_local_node_without_driver() -> None:
     assert node == gpu_inventory.NodeInventory(
         "local", (), note="NVML unavailable: NVML Shared Library Not Found"
     )
+
+
+def test_only_gpu_trials_reserve_memory_and_the_refusal_comes_in_stage_3() -> None:
+    from orchestrator.config import CONFIG_DIR, load_config
+    from orchestrator.training.tuner import resources_for, trial_gpu_mem_mb
+
+    config = load_config(CONFIG_DIR / "smoke.yaml", {"backend": {"name": "sa2va"}})
+    roomy = gb.build_plan(gpu_inventory.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    assert trial_gpu_mem_mb(config, roomy) == gb.REWARD_NET_TRAIN_MB == 1024
+    assert trial_gpu_mem_mb(config, None) == 0  # the CPU backend: nothing to reserve
+    no_reward = load_config(CONFIG_DIR / "smoke.yaml", {"experiments": ["prompt"]})
+    assert trial_gpu_mem_mb(no_reward, roomy) == 0
+    tight = gb.build_plan(gpu_inventory.parse_inventory("24:14"), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    with pytest.raises(gb.PlanError, match="reward-net training needs 1024 MB"):
+        trial_gpu_mem_mb(config, tight)
+    request = resources_for(0.5, 1024)
+    assert request({"trial": "reward_net"}) == {"cpu": 0.5, gb.GPU_MEM_RESOURCE: 1024.0}
+    assert request({"trial": "prompt"}) == {"cpu": 0.5}
+    assert resources_for(0.5, 0)({"trial": "reward_net"}) == {"cpu": 0.5}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from envs.sources import DataRef
-from orchestrator.config import CONFIG_DIR, load_config
+from orchestrator.config import CONFIG_DIR, EXPERIMENTS, load_config
 from orchestrator.experiments import (
     PPO_TRIALS,
     RL_METHODS,
@@ -56,6 +56,7 @@ def test_registry_names_every_trial_once_in_launch_order() -> None:
     assert RL_METHODS == ("prompt_rl", "postprocess_rl", "reward_rl", "combined")
     assert [t.name for t in TRIALS if t.uses_gpu] == ["reward_net"]
     assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided"]
+    assert {t.experiment for t in TRIALS} == set(EXPERIMENTS)  # the schema's names
     config = load_config(CONFIG_DIR / "smoke.yaml")
     assert trials_for(config) == list(TRIALS)
     with pytest.raises(KeyError, match="unknown trial 'nope'; known: prompt, postprocess"):

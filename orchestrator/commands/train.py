@@ -24,10 +24,10 @@ from typing import Any
 
 from orchestrator.commands.run import add_run_arguments, run_options
 from orchestrator.commands.words import CONFIG_WORDS
+from orchestrator.config import EXPERIMENTS
 
 OPTION_WORDS = CONFIG_WORDS
 """How errors name settings for this command (see :mod:`orchestrator.commands.words`)."""
-EXPERIMENTS = ("prompt", "postprocess", "reward")
 RAY_ONLY = ("address", "num_cpus", "inventory", "resume", "no_dashboard")
 """Flags that configure Ray or Tune: refused with --local, which uses neither."""
 

@@ -19,6 +19,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.tune.registry import register_env
 from tensorboardX import SummaryWriter
 
@@ -61,6 +64,25 @@ class ResultSink(Protocol):
         ...
 
 
+class PpoAlgorithm(Protocol):
+    """What the loop drives: RLlib's ``Algorithm`` (under Tune) or
+    :class:`~orchestrator.training.local_ppo.LocalPPO` (``train --local``)."""
+
+    def train(self) -> dict[str, Any]: ...
+
+    def get_module(self) -> RLModule | None: ...
+
+    def stop(self) -> None: ...
+
+
+def rllib_algorithm(algo: PpoAlgorithm) -> Algorithm:
+    """``algo`` as RLlib's ``Algorithm``: only it saves and restores checkpoints (a sink that
+    keeps checkpoints is Tune's, which never runs :class:`LocalPPO`)."""
+    if not isinstance(algo, Algorithm):
+        raise TypeError(f"checkpoints need RLlib's Algorithm, not {type(algo).__name__}")
+    return algo
+
+
 def tensorboard_writer(trial_dir: Path) -> SummaryWriter:
     """The trial's TensorBoard writer."""
     # Tune's own TBX logger writes events.out.tfevents.<second>.<host> into the same directory:
@@ -82,7 +104,7 @@ def train_ppo(
         if stats is not None:
             env_config["obs_stats"] = stats.to_dict()
         config = build_ppo_config(run.ppo, ENV_NAME, env_config)
-        algo: Any
+        algo: PpoAlgorithm
         if local:
             from orchestrator.training.local_ppo import LocalPPO
 
@@ -91,7 +113,7 @@ def train_ppo(
             algo = config.build_algo()
         best = BestPolicy(sink.trial_dir, stats)
         if directory is not None:
-            algo.restore_from_path(directory / ALGO_DIR)
+            rllib_algorithm(algo).restore_from_path(directory / ALGO_DIR)
             best.restore(directory)
     writer = tensorboard_writer(sink.trial_dir)
     steps, metrics = 0.0, {}
@@ -145,7 +167,7 @@ class BestPolicy:
         self.path = directory / BEST_POLICY_FILE
         self.stats = stats
 
-    def offer(self, module: Any, metrics: Mapping[str, float], spec: TrialSpec) -> None:
+    def offer(self, module: RLModule | None, metrics: Mapping[str, float], spec: TrialSpec) -> None:
         score = metrics.get(mk.EP_REW_MEAN, -math.inf)
         if score > self.score or not self.path.is_file():
             self.score = score
@@ -156,6 +178,7 @@ class BestPolicy:
                 "env_steps": metrics.get(mk.ENV_STEPS, 0.0),
                 "ep_rew_mean": score,
             }
+            assert isinstance(module, torch.nn.Module), "PPO's RLModule is a torch module"
             export_policy(module, self.path, metadata, self.stats)
 
     def restore(self, directory: Path) -> None:
@@ -167,12 +190,14 @@ class BestPolicy:
             )
 
 
-def _report(sink: ResultSink, algo: Any, best: BestPolicy, metrics: dict[str, float]) -> None:
+def _report(
+    sink: ResultSink, algo: PpoAlgorithm, best: BestPolicy, metrics: dict[str, float]
+) -> None:
     if not sink.keeps_checkpoints:
         sink.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
-        algo.save_to_path(Path(directory) / ALGO_DIR)
+        rllib_algorithm(algo).save_to_path(Path(directory) / ALGO_DIR)
         shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)
         if best.stats is not None:
             stats = json.dumps(best.stats.to_dict())

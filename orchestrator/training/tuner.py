@@ -24,6 +24,8 @@ from orchestrator.training.reward_net_status import clear_failed
 from orchestrator.training.trainable import run_trial
 
 if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
     from orchestrator.data import PreparedData
     from orchestrator.gpu.budget import GpuPlan
     from orchestrator.pipeline import RunOptions
@@ -142,7 +144,7 @@ def outcomes(grid: tune.ResultGrid) -> list[TrialOutcome]:
     return found
 
 
-def trial_label(tune_trial: Any) -> str:
+def trial_label(tune_trial: Trial) -> str:
     """``prompt_1c4cd_00000``: trials are recognisable by experiment in Tune's table, the
     dashboard and the run directory."""
     return f"{tune_trial.config['trial']}_{tune_trial.trial_id}"
