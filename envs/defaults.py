@@ -82,7 +82,9 @@ def default_reward_scorer(segmenter: Segmenter, input_size: int = 64) -> RewardS
     """A small reward network for the built-in set, trained on first use and cached on disk."""
     from envs.reward_data import build_examples
 
-    recipe = f"{segmenter.backend_id}|{BUILTIN_N}|{input_size}|v{CHECKPOINT_VERSION}"
+    # The prompt list is part of the recipe: a backend id (e.g. Sa2VA's) need not cover it.
+    prompts = hashlib.sha256("\n".join(CANDIDATE_PROMPTS).encode()).hexdigest()[:12]
+    recipe = f"{segmenter.backend_id}|{BUILTIN_N}|{input_size}|v{CHECKPOINT_VERSION}|{prompts}"
     key = hashlib.sha256(recipe.encode()).hexdigest()
     path = CACHE_ROOT / "reward_net" / f"builtin-{key[:16]}.pt"
     if path.is_file():

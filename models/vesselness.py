@@ -11,6 +11,7 @@ pixels per image where the larger eigenvalue is about 0 and float32 rounding dec
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -39,17 +40,21 @@ def catheter_params() -> list[float]:
     ]
 
 
+@functools.lru_cache(maxsize=32)
 def _gaussian_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """(smoothing, first-derivative) 1-D kernels of one of the two passes that make a
     second-order Gaussian derivative of scale ``sigma``: each pass has scale sigma/sqrt(2),
     truncated at 8 of those (100 for sigma <= 1, where short kernels alias). The derivative
-    kernel is given in correlation form (OpenCV filters correlate), i.e. already mirrored."""
+    kernel is given in correlation form (OpenCV filters correlate), i.e. already mirrored.
+    Cached, so read-only."""
     s = sigma / math.sqrt(2)
     radius = int((8 if sigma > 1 else 100) * s + 0.5)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     phi = np.exp(-0.5 * x**2 / s**2)
     phi /= phi.sum()
-    return phi.astype(np.float32), (x / s**2 * phi).astype(np.float32)
+    smooth, deriv = phi.astype(np.float32), (x / s**2 * phi).astype(np.float32)
+    smooth.flags.writeable = deriv.flags.writeable = False  # shared by every caller
+    return smooth, deriv
 
 
 def frangi_response(grey: np.ndarray, sigma: float, beta: float, gamma: float) -> np.ndarray:
@@ -112,9 +117,11 @@ def catheter_zone(mask: np.ndarray) -> np.ndarray:
     width = 2.0 * cv2.distanceTransform(mask8, cv2.DIST_L2, 5)
     pieces = []
     for ys, xs in _skeleton_segments(mask):
+        if len(ys) < CATHETER_PIECE_LENGTH_PX:  # most pieces: skip the median
+            continue
         widths = width[ys, xs]
         median = float(np.median(widths))
-        if len(ys) < CATHETER_PIECE_LENGTH_PX or median < CATHETER_MIN_WIDTH_PX:
+        if median < CATHETER_MIN_WIDTH_PX:
             continue
         if float(widths.std()) > CATHETER_MAX_WIDTH_SPREAD * median:
             continue

@@ -247,9 +247,11 @@ def test_rejects_images_that_are_not_uint8_rgb() -> None:
 # Calibration on the default data --------------------------------------------------------------
 
 
-# Pinned on the first 48 default frames with ties to the earlier prompt (np.argmax); on all 160
-# frames the shares are 0.106, 0.031, 0.019, 0.050, 0.044, 0.188, 0.106, 0.025, 0.175, 0.037,
-# 0.219 (baseline Dice 0.749, oracle 0.815), see the report of the seed-prompts change.
+# Images each seed prompt wins (best Dice) on the first 48 default frames, ties to the earlier
+# prompt (np.argmax; ties are the default vs the last prompt, whose catheter removal and larger
+# min component change nothing on some images). On all 160 frames the shares are 0.106, 0.031,
+# 0.019, 0.050, 0.044, 0.188, 0.106, 0.025, 0.175, 0.037, 0.219 (baseline Dice 0.749, oracle
+# 0.815, best fixed prompt 0.785: "Please detect and segment all visible blood vessels.").
 SEED_WINS_48 = [6, 2, 1, 3, 1, 9, 3, 3, 7, 2, 11]
 
 

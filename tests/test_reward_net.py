@@ -24,6 +24,7 @@ from envs.synthetic import write_dataset
 from models.errors import UserError
 from models.frangi import FrangiSegmenter
 from models.metrics import mask_metrics
+from models.prompts import DEFAULT_PROMPT
 from models.reward_net import (
     CHECKPOINT_VERSION,
     TARGETS,
@@ -315,7 +316,7 @@ def test_build_examples_refuses_an_unlabelled_image_before_segmenting_it() -> No
 # --- the command ---------------------------------------------------------------------------------
 def _tiny_config(tmp_path: Path, **data: Any) -> Path:
     """smoke.yaml with two prompts (fast Frangi) and the given data keys."""
-    prompts = ["segment the blood vessel", "segment only the large vessels"]
+    prompts = [DEFAULT_PROMPT, "segment only the large vessels"]
     lines = [f"extends: {CONFIG_DIR / 'smoke.yaml'}", "env:", f"  prompts: {json.dumps(prompts)}"]
     if data:
         lines += ["data:", *(f"  {k}: {v}" for k, v in data.items())]
