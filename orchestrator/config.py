@@ -136,9 +136,19 @@ def cpu_worker_count(setting: int | Literal["auto"], cpus: float) -> int:
     return max(1, min(MAX_AUTO_CPU_WORKERS, int(cpus)))
 
 
+def _one_prompt_decision() -> dict[Experiment, int]:
+    return {"prompt": 1, "reward": 1}
+
+
 class EnvConfig(_Section):
     max_steps: int = Field(3, ge=1, le=50)
-    """Steps per episode (one image per episode)."""
+    """Steps per episode (one image per episode) of every experiment not in ``episode_steps``;
+    also the depth of the post-processing oracle and of the op-sequence baselines."""
+    episode_steps: dict[Experiment, int] = Field(default_factory=_one_prompt_decision)
+    """Steps per episode by experiment, overriding ``max_steps``. Default: one prompt decision
+    per image (a contextual bandit) for the prompt and reward-guided experiments: a prompt step
+    replaces the mask, so in a longer episode only the last prompt counts. The original team's
+    3-step prompt episodes: ``{prompt: 3, reward: 3}``."""
     prompt_set: Literal["seeds", "clinical"] = "seeds"
     """Named candidate list: seeds (the original team's 11 prompts, verbatim) or clinical (the
     project's earlier list). Fills ``prompts`` when that is not given."""
@@ -178,7 +188,15 @@ class EnvConfig(_Section):
             raise ValueError("prompts must list at least 2 candidates")
         if self.default_prompt not in self.prompts:
             raise ValueError(f"default_prompt {self.default_prompt!r} must be one of prompts")
+        bad = {exp: n for exp, n in self.episode_steps.items() if not 1 <= n <= 50}
+        if bad:
+            raise ValueError(f"episode_steps must be between 1 and 50, got {bad}")
         return self
+
+    def steps_for(self, experiment: str) -> int:
+        """Steps per episode of ``experiment`` (``episode_steps``, else ``max_steps``)."""
+        steps = {str(exp): n for exp, n in self.episode_steps.items()}
+        return steps.get(experiment, self.max_steps)
 
 
 class PpoConfig(_Section):
@@ -208,6 +226,12 @@ class PpoConfig(_Section):
     """Separate policy and value MLPs with these hidden sizes."""
     seed: int = Field(0, ge=0)
     """Seed of RLlib (network init, sampling) and of the envs' image choice."""
+    normalize_observations: bool = True
+    """Standardise every observation feature with the mean/std of random-policy observations on
+    the training images (no ground truth), fixed before training and saved with the policy.
+    False: raw observations, the original team's setting (PPO then ignores the image)."""
+    normalization_steps: int = Field(512, ge=8)
+    """Random-policy env steps the normalisation statistics are computed from."""
 
     @model_validator(mode="after")
     def _minibatch_fits(self) -> PpoConfig:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import gymnasium as gym
+
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
+from envs.normalisation import NormalisedObservation, ObservationStats
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from envs.sources import DataRef, load_split
@@ -180,7 +183,10 @@ def env_settings(spec: Trial, config: RunConfig) -> dict[str, Any]:
     """The config's keywords for the trial's environment class (episode, prompts, mask ops);
     the samples, segmenter and reward scorer are injected by :func:`build_env`."""
     env = config.env
-    common: dict[str, Any] = {"max_steps": env.max_steps, "recall_weight": env.recall_weight}
+    common: dict[str, Any] = {
+        "max_steps": env.steps_for(spec.experiment),
+        "recall_weight": env.recall_weight,
+    }
     if spec.env_class is PostProcessEnv:
         return {**common, "base_prompt": env.default_prompt, "mask_ops": dict(config.mask_ops)}
     return {**common, "prompts": list(env.prompts), "default_prompt": env.default_prompt}
@@ -221,8 +227,19 @@ def trial_env(
     return build_env(spec.trial, spec.run, samples, segmenter, scorer)
 
 
-def make_env(env_config: Mapping[str, Any]) -> SegmentationEnv:
+def make_env(env_config: Mapping[str, Any]) -> gym.Env[Any, Any]:
     """Env creator registered with Tune: ``{"spec": TrialSpec.to_param(), "segmenter"}`` ->
-    the trial's training environment."""
+    the trial's training environment, behind the fixed observation normalisation when
+    ``env_config["obs_stats"]`` holds one (:meth:`ObservationStats.to_dict`)."""
     spec = TrialSpec.from_param(env_config["spec"])
-    return trial_env(spec, env_config["segmenter"], "train", spec.run.data.max_train_images)
+    env = trial_env(spec, env_config["segmenter"], "train", spec.run.data.max_train_images)
+    return behind_normalisation(env, env_config)
+
+
+def behind_normalisation(
+    env: gym.Env[Any, Any], env_config: Mapping[str, Any]
+) -> gym.Env[Any, Any]:
+    """``env`` behind the fixed normalisation of ``env_config["obs_stats"]`` (as
+    :meth:`ObservationStats.to_dict` wrote it), or ``env`` itself when there is none."""
+    stats = env_config.get("obs_stats")
+    return env if stats is None else NormalisedObservation(env, ObservationStats.from_dict(stats))

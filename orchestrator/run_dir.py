@@ -32,6 +32,8 @@ BEST_POLICY_FILE = "best_policy.pt"
 """The exported policy inside every PPO checkpoint (and the trial directory)."""
 ALGO_DIR = "algo"
 """RLlib's own state inside every PPO checkpoint (for resuming)."""
+OBSERVATION_STATS_FILE = "observation_stats.json"
+"""The fixed observation normalisation inside every PPO checkpoint (a resumed trial keeps it)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ class RunPaths:
     @property
     def per_image_csv(self) -> Path:
         return self.eval_dir / "per_image.csv"
+
+    @property
+    def train_per_image_csv(self) -> Path:
+        """The policies and learners on their own training images (over-fitting shows)."""
+        return self.eval_dir / "train_per_image.csv"
 
     @property
     def examples_dir(self) -> Path:

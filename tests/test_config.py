@@ -14,9 +14,9 @@ def test_variants_compose_base() -> None:
     quick = load_config(CONFIG_DIR / "quick.yaml")
     full = load_config(CONFIG_DIR / "full.yaml")
     assert (smoke.mode, quick.mode, full.mode) == ("smoke", "quick", "full")
-    # The original quick and full modes (SEEDS.md).
+    # The original quick and full modes (SEEDS.md); quick trains on every training image.
     assert (quick.data.max_train_images, quick.ppo.total_env_steps, quick.ppo.num_envs) == (
-        20,
+        None,
         2000,
         2,
     )
@@ -60,6 +60,11 @@ def test_errors_name_every_bad_key() -> None:
         ({"env": {"default_prompt": "segment a cat"}}, "must be one of prompts"),
         ({"experiments": ["prompt", "dance"]}, "'experiments.1': got 'dance'"),
         ({"env": {"max_steps": 0}}, "key 'env.max_steps'"),
+        ({"env": {"episode_steps": {"prompt": 0}}}, "episode_steps must be between 1 and 50"),
+        (
+            {"env": {"episode_steps": {"dance": 1}}},
+            "got 'dance', allowed: 'prompt', 'postprocess' or 'reward'",
+        ),
     ],
 )
 def test_cross_field_and_range_errors(data: dict, message: str) -> None:
@@ -157,3 +162,18 @@ def test_prompt_set_choices_are_the_named_sets() -> None:
     field = EnvConfig.model_fields["prompt_set"]
     assert set(get_args(field.annotation)) == set(PROMPT_SETS)
     assert field.default == DEFAULT_PROMPT_SET
+
+
+def test_episode_shape_and_normalisation_keys() -> None:
+    default = parse_config({})
+    assert default.ppo.normalize_observations and default.ppo.normalization_steps == 512
+    # One prompt decision per image; post-processing keeps max_steps (3).
+    assert [default.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [1, 3, 1]
+    original = load_config(
+        CONFIG_DIR / "quick.yaml", {"env": {"episode_steps": {"prompt": 3, "reward": 3}}}
+    )
+    assert [original.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [3, 3, 3]
+    bandit = parse_config({"env": {"max_steps": 2, "episode_steps": {"prompt": 1}}})
+    assert [bandit.env.steps_for(e) for e in ("prompt", "postprocess", "reward")] == [1, 2, 2]
+    raw = parse_config({"ppo": {"normalize_observations": False}})
+    assert not raw.ppo.normalize_observations

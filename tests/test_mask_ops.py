@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from envs.mask_ops import (
+    ALL_OPS,
     OPS,
+    ORIGINAL_OPS,
+    PROB_OPS,
     MaskOpsConfig,
     MaskState,
     apply_action,
@@ -80,7 +83,9 @@ def test_action_index_follows_config_subset() -> None:
         ("kernel_shape", "disk", r"kernel_shape = 'disk' .*ellipse"),
         ("ops", ("dilate", "explode"), r"unknown operation\(s\) \['explode'\]"),
         ("ops", ("dilate", "dilate"), r"twice"),
-        ("ops", (), r"non-empty"),
+        ("action_set", "seeds", r"action_set = 'seeds' .*\['original', 'project'\]"),
+        ("threshold_factor", 1.0, r"threshold_factor = 1.0 .*below 1"),
+        ("grow_threshold", 0.8, r"grow_threshold = 0.8 .*below grow_seed_threshold"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, expected: str) -> None:
@@ -388,3 +393,77 @@ def test_every_op_accepts_read_only_arrays() -> None:
         assert apply_op(name, state, config).mask.shape == (32, 32)
     image = np.zeros((32, 32, 3), np.uint8)
     assert observation(image, mask, prob, 0, 3).dtype == np.float32
+
+
+# --- the original team's action set ---------------------------------------------------------
+
+
+def test_named_action_sets() -> None:
+    assert MaskOpsConfig().ops == OPS and MaskOpsConfig().set_name == "project"
+    original = MaskOpsConfig(action_set="original")
+    assert (
+        original.ops
+        == ORIGINAL_OPS
+        == (
+            "lower_threshold",
+            "dilate_3",
+            "dilate_5",
+            "close",
+            "bridge_gaps",
+            "grow_region",
+            "stop",
+        )
+    )
+    assert original.set_name == "original"
+    assert MaskOpsConfig(ops=()).ops == OPS  # empty: the named set's operations
+    assert MaskOpsConfig(ops=("dilate_3", "stop")).set_name == "custom"
+    assert set(OPS) | set(ORIGINAL_OPS) == set(ALL_OPS) and ALL_OPS[-1] == "stop"
+
+
+def test_lower_threshold_multiplies_and_rebuilds() -> None:
+    prob = np.array([[0.30, 0.40, 0.46, 0.50, 0.90]], np.float32)
+    state = MaskState(np.zeros((1, 5), bool), prob, threshold=0.5)
+    once = apply_op("lower_threshold", state, CFG)
+    assert once.threshold == 0.45
+    assert once.mask.tolist() == [[False, False, True, True, True]]
+    twice = apply_op("lower_threshold", once, CFG)
+    assert twice.threshold == 0.405
+    assert twice.mask.tolist() == [[False, False, True, True, True]]
+    floor = MaskState(prob > 0.05, prob, threshold=0.05)
+    assert apply_op("lower_threshold", floor, CFG).threshold == 0.05  # clipped at threshold_min
+    assert apply_op("lower_threshold", MaskState(prob > 0.5, None), CFG).threshold == 0.5
+
+
+def test_square_dilations() -> None:
+    mask = np.zeros((9, 9), bool)
+    mask[4, 4] = True
+    assert int(_run("dilate_3", mask).sum()) == 9  # a 3x3 square, not the 3x3 ellipse's cross
+    assert int(_run("dilate_5", mask).sum()) == 25
+    assert int(_run("dilate", mask).sum()) == 5
+
+
+def test_grow_region_grows_from_confident_pixels_only() -> None:
+    prob = np.zeros((3, 8), np.float32)
+    prob[1, 0:3] = (0.9, 0.5, 0.4)  # seeded run: grows through 0.5 and 0.4 (> 0.35)
+    prob[1, 5:8] = (0.6, 0.5, 0.4)  # no pixel above 0.7: never grown
+    mask = np.zeros((3, 8), bool)
+    mask[0, 7] = True  # kept: growing only adds
+    out = apply_op("grow_region", MaskState(mask, prob, threshold=0.5), CFG)
+    expected = mask.copy()
+    expected[1, 0:3] = True
+    np.testing.assert_array_equal(out.mask, expected)
+    assert out.threshold == 0.5
+    assert not op_available("grow_region", MaskState(mask, None))
+
+
+def test_every_known_op_is_pure_and_handles_missing_prob() -> None:
+    rng = np.random.default_rng(5)
+    prob = cv2.GaussianBlur(rng.random((48, 48)).astype(np.float32), (7, 7), 0)
+    state = MaskState(prob > 0.5, prob)
+    before = state.mask.copy()
+    for name in ALL_OPS:
+        first, second = apply_op(name, state, CFG), apply_op(name, state, CFG)
+        np.testing.assert_array_equal(first.mask, second.mask, err_msg=name)
+        np.testing.assert_array_equal(state.mask, before, err_msg=name)
+        no_prob = MaskState(before, None)
+        assert (apply_op(name, no_prob, CFG) is no_prob) == (name in (*PROB_OPS, "stop"))

@@ -41,7 +41,14 @@ from orchestrator.report.record import TuneTrial, load_run
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.reward_predictions import read_reward_net_predictions
 
-SINGLE_PROMPT_METHODS = ("baseline", "best_fixed_prompt", "prompt_rl", "reward_rl")
+SINGLE_PROMPT_METHODS = (
+    "baseline",
+    "best_fixed_prompt",
+    "bandit_prompt",
+    "supervised_prompt",
+    "prompt_rl",
+    "reward_rl",
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,7 +101,8 @@ def test_oracle_postprocess_is_at_least_the_baseline_and_the_policy(
     rows: list[dict[str, str]],
 ) -> None:
     oracle = _dice(rows, "oracle_postprocess")
-    for method in ("baseline", "postprocess_rl"):
+    # The op-sequence learners pick one of the sequences the oracle searches.
+    for method in ("baseline", "postprocess_rl", "supervised_ops", "best_fixed_ops"):
         for image_id, dice in _dice(rows, method).items():
             assert oracle[image_id] >= dice, (method, image_id)
 
@@ -251,6 +259,8 @@ def test_report_has_every_section_and_links_every_plot(run: RunPaths) -> None:
         "Verdicts",
         "Goal: Dice >= 0.85 and Recall >= 0.85",
         "Ceilings",
+        "RL vs the baselines",
+        "Learning diagnostics",
         "Reward network (experiment 3, step 1)",
         "Trials (Tune)",
         "Inference",
@@ -263,6 +273,11 @@ def test_report_has_every_section_and_links_every_plot(run: RunPaths) -> None:
     for name in PLOT_SIZES:
         assert f"](plots/{name})" in text
     assert "| prompt_rl | " in _section(text, "Ceilings")
+    assert "| prompt_rl | " in _section(text, "RL vs the baselines")
+    diagnostics = _section(text, "Learning diagnostics")
+    assert "Post-processing action set: project (dilate, erode," in diagnostics
+    assert "Steps per episode: prompt 1, postprocess 3, reward_guided 1" in diagnostics
+    assert "**prompt_rl**:" in diagnostics and "| train Dice | test Dice |" in diagnostics
     assert "| dice | " in _section(text, "Reward network (experiment 3, step 1)")
     assert str(run.root) not in text  # a moved run rebuilds to the same bytes
 
@@ -327,3 +342,32 @@ def test_the_reports_tune_snippet_runs_in_the_run_directory(run: RunPaths) -> No
         "prompt",
         "reward_guided",
     ]
+
+
+def test_baselines_have_the_fields_of_every_method_and_learning_facts(
+    run: RunPaths, summary: dict
+) -> None:
+    methods = summary["methods"]
+    fields = set(methods["prompt_rl"])
+    for method in ("bandit_prompt", "supervised_prompt", "supervised_ops", "best_fixed_ops"):
+        assert set(methods[method]) == fields, method
+        assert f"vs_{method}" in methods["prompt_rl"]
+    learning = summary["learning"]
+    assert learning["normalize_observations"] is True
+    assert learning["episode_steps"] == {"prompt": 1, "postprocess": 3, "reward_guided": 1}
+    assert learning["action_set"] == "project"
+    train_rows = read_rows(run.train_per_image_csv)
+    train = {r.method for r in train_rows}
+    assert {"baseline", "prompt_rl", "postprocess_rl", "bandit_prompt", "supervised_ops"} <= train
+    assert not any(m.startswith("oracle") for m in train)
+    for method, share in learning["gap_closed"].items():
+        oracle = "oracle_postprocess" if method in POST_METHODS else "oracle_prompt"
+        base = methods["baseline"]["dice"]
+        want = (methods[method]["dice"] - base) / (methods[oracle]["dice"] - base)
+        assert share == pytest.approx(want, abs=1e-3), method
+    prompt_hist = learning["action_histograms"]["prompt_rl"]
+    assert sum(prompt_hist["test"].values()) == methods["prompt_rl"]["n"]
+    assert sum(prompt_hist["train"].values()) == len({r.image_id for r in train_rows})
+
+
+POST_METHODS = ("postprocess_rl", "combined", "supervised_ops", "best_fixed_ops")

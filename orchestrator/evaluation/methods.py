@@ -9,6 +9,8 @@ Methods (each yields one final mask per test image):
   episode length in its own environment; the final mask counts.
 - ``postprocess_rl``: the greedy post-processing policy on the baseline mask, until ``stop``.
 - ``combined``: the prompt policy's final prompt, then the post-processing policy on its mask.
+- ``bandit_prompt``, ``supervised_prompt``, ``supervised_ops``, ``best_fixed_ops``: the learners
+  a reviewer compares RL with (:mod:`~orchestrator.evaluation.baselines`).
 - ``oracle_prompt``: the best prompt per image by ground truth (a ceiling for prompt choice).
 - ``oracle_postprocess``: exhaustive search over op sequences up to the episode length from the
   baseline mask, best by ground truth (a ceiling for post-processing).
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from envs.mask_ops import MaskOpsConfig, MaskState
+from envs.op_tree import apply_sequence
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from models.metrics import mask_metrics
@@ -46,9 +49,21 @@ from orchestrator.evaluation.oracles import oracle_postprocess_mask
 from orchestrator.evaluation.per_image import ImageResult
 from orchestrator.experiments import RL_METHODS
 
-METHODS = ("baseline", "best_fixed_prompt", *RL_METHODS, "oracle_prompt", "oracle_postprocess")
+BASELINE_METHODS = ("bandit_prompt", "supervised_prompt", "supervised_ops", "best_fixed_ops")
+"""The non-RL learners every RL method is compared with (see :mod:`.baselines`)."""
+PROMPT_BASELINES = ("best_fixed_prompt", "bandit_prompt", "supervised_prompt")
+OPS_BASELINES = ("best_fixed_ops", "supervised_ops")
+METHODS = (
+    "baseline",
+    "best_fixed_prompt",
+    *BASELINE_METHODS,
+    *RL_METHODS,
+    "oracle_prompt",
+    "oracle_postprocess",
+)
 """Every evaluation method, in report order (the RL ones come from the experiment registry)."""
 Policy = Callable[[np.ndarray], int]
+SequencePicker = Callable[[np.ndarray], tuple[str, ...]]
 
 
 def _result(method: str, sample: Sample, mask: np.ndarray, detail: str = "") -> ImageResult:
@@ -87,7 +102,8 @@ class Evaluator:
     Args:
         test: the held-out samples (with ground truth).
         segmenter: the shared segmenter (cache-backed in a run).
-        prompts / default_prompt / max_steps / ops: the environments' settings.
+        prompts / default_prompt / ops: the environments' settings.
+        max_steps: the post-processing episode length (the oracle's search depth).
         examples_dir: where to save example masks (None: save none). Call :meth:`baseline`
             first: it chooses ``keep_ids``; every later method saves its masks of those ids.
         keep_ids: image ids whose final masks are saved (set by :meth:`baseline`).
@@ -152,6 +168,18 @@ class Evaluator:
             rows.append(self._measure(method, s, state.mask, " > ".join(actions)))
         return rows
 
+    def sequences(
+        self, method: str, env: SegmentationEnv, pick: SequencePicker
+    ) -> list[ImageResult]:
+        """Apply the op sequence ``pick`` chooses from ``env``'s observation at reset."""
+        rows = []
+        for s in self.test:
+            obs, _ = env.reset(options={"image_id": s.id})
+            sequence = pick(obs)
+            state = apply_sequence(env.state, sequence, self.ops)
+            rows.append(self._measure(method, s, state.mask, " > ".join(sequence) or "(none)"))
+        return rows
+
     def combined(
         self,
         prompt_env: SegmentationEnv,
@@ -181,7 +209,7 @@ def make_evaluator(
         segmenter=segmenter,
         prompts=tuple(config.env.prompts),
         default_prompt=config.env.default_prompt,
-        max_steps=config.env.max_steps,
+        max_steps=config.env.steps_for("postprocess"),
         ops=MaskOpsConfig.from_dict(dict(config.mask_ops)),
         examples_dir=examples_dir,
     )

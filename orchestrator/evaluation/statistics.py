@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.metrics import METRIC_NAMES
-from orchestrator.evaluation.methods import METHODS
+from orchestrator.evaluation.methods import BASELINE_METHODS, METHODS
 from orchestrator.evaluation.per_image import ImageResult
 
-REFERENCES = ("baseline", "best_fixed_prompt")
+REFERENCES = ("baseline", "best_fixed_prompt", *BASELINE_METHODS)
 """Methods every other method gets a paired difference to (see :func:`summarise`)."""
 
 

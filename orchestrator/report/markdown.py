@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import metric_keys as mk
+from orchestrator.evaluation.methods import BASELINE_METHODS
 from orchestrator.evaluation.statistics import (
     Estimate,
     MethodSummary,
@@ -15,6 +16,7 @@ from orchestrator.evaluation.statistics import (
     verdict,
 )
 from orchestrator.experiments import PPO_TRIALS, RL_METHODS
+from orchestrator.report import learning
 from orchestrator.report.record import RunRecord
 
 TARGET = {"dice": 0.85, "recall": 0.85}
@@ -43,6 +45,7 @@ def render_report(
         _verdicts(record, summaries),
         _goal(summaries),
         _ceilings(summaries),
+        learning.render(record.config, summaries, record.train_rows, record.rows),
         _reward_net_section(record),
         _trials_section(record),
         _tune_snippet(),
@@ -253,7 +256,7 @@ def _ceilings(summaries: Mapping[str, MethodSummary]) -> str:
         "| method | Dice vs baseline | " + " | ".join(f"of {o} gap" for o in oracles) + " |",
         "|---|---:|" + "---:|" * len(oracles),
     ]
-    for method in ("best_fixed_prompt", *RL_METHODS):
+    for method in ("best_fixed_prompt", *BASELINE_METHODS, *RL_METHODS):
         if method not in summaries:
             continue
         gain = summaries[method].metrics["dice"].mean - base_dice

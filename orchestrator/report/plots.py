@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 PLOT_DPI = 100
 PLOT_SIZES = {
     "metrics.png": (11.0, 4.8),
-    "learning_curves.png": (11.0, 9.0),
+    "learning_curves.png": (15.0, 9.0),
     "reward_net_dice.png": (6.0, 6.0),
     "examples.png": (12.0, 9.6),
 }
@@ -110,16 +110,17 @@ def _method_colour(method: str) -> str:
 
 
 def plot_learning_curves(trials: Sequence[TuneTrial], out: Path) -> str | None:
-    """Per PPO experiment: ``rollout/ep_rew_mean`` and the episodes' final GT Dice (and the
-    reward net's score for the reward-guided one) against env steps."""
+    """Per PPO experiment: ``rollout/ep_rew_mean``, the episodes' final GT Dice (and the
+    reward net's score for the reward-guided one) and the policy's entropy against env steps
+    (an entropy that drops to ~0 early means the policy collapsed onto one action)."""
     by_name = {t.name: t for t in trials}
     if not any(t.name in by_name for t in PPO_TRIALS):
         return "no PPO trial in the Tune experiment"
-    with _figure("learning_curves.png", out, nrows=len(PPO_TRIALS), ncols=2) as (fig, axes):
+    with _figure("learning_curves.png", out, nrows=len(PPO_TRIALS), ncols=3) as (fig, axes):
         for row, spec in enumerate(PPO_TRIALS):
             name = spec.name
             trial = by_name.get(name)
-            left, right = axes[row]
+            left, right, entropy = axes[row]
             _curve(left, trial, [(mk.EP_REW_MEAN, mk.EP_REW_MEAN, "tab:blue")])
             left.set_ylabel("episode return (mean)")
             left.set_title(f"{name}: {mk.EP_REW_MEAN}")
@@ -130,7 +131,10 @@ def plot_learning_curves(trials: Sequence[TuneTrial], out: Path) -> str | None:
             _curve(right, trial, series)
             right.set_ylabel("score of the episode's final mask")
             right.set_title(f"{name}: final-mask quality")
-            for ax in (left, right):
+            _curve(entropy, trial, [(mk.ENTROPY, f"policy entropy ({mk.ENTROPY})", "tab:red")])
+            entropy.set_ylabel("entropy (nats)")
+            entropy.set_title(f"{name}: policy entropy")
+            for ax in (left, right, entropy):
                 ax.set_xlabel("env steps (" + mk.ENV_STEPS + ")")
                 ax.grid(alpha=0.3)
         fig.suptitle("Learning curves (100-episode means, per training iteration)")

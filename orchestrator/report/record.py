@@ -61,6 +61,8 @@ class RunRecord:
     config: RunConfig
     rows: list[ImageResult]
     trials: list[TuneTrial]
+    train_rows: list[ImageResult]
+    """The learned methods on their training images (empty for runs made before it existed)."""
     reward_net: dict[str, Any] | None
     predictions: RewardNetPredictions | None
 
@@ -107,6 +109,9 @@ def load_run(root: Path) -> RunRecord:
         facts=facts,
         config=load_run_config(paths),
         rows=read_rows(paths.per_image_csv),
+        train_rows=(
+            read_rows(paths.train_per_image_csv) if paths.train_per_image_csv.is_file() else []
+        ),
         trials=read_tune_trials(paths),
         reward_net=(
             json.loads(paths.reward_net_report.read_text())

@@ -22,6 +22,7 @@ from orchestrator.config import RunConfig
 from orchestrator.evaluation.methods import METHODS
 from orchestrator.evaluation.statistics import Estimate, MethodSummary, summarise
 from orchestrator.experiments import TrialOutcome
+from orchestrator.report.learning import learning_json
 from orchestrator.report.markdown import render_report
 from orchestrator.report.plots import write_plots
 from orchestrator.report.record import load_run
@@ -99,7 +100,11 @@ def write_report(paths: RunPaths) -> dict[str, Any]:
     run's files; returns the summary. Byte-identical for identical inputs."""
     record = load_run(paths.root)
     summaries = summarise(record.rows)
-    summary = {**record.facts, "methods": methods_json(summaries)}
+    summary = {
+        **record.facts,
+        "methods": methods_json(summaries),
+        "learning": learning_json(record.config, summaries, record.train_rows, record.rows),
+    }
     run_dir.write_json(record.paths.summary, summary)
     plots = write_plots(record, summaries)
     run_dir.write_text(record.paths.report, render_report(record, summary, summaries, plots))

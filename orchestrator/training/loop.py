@@ -10,6 +10,7 @@ or a local directory (``sa2va-rl train --local``); the loop does not know which.
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
@@ -24,11 +25,12 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.tune.registry import register_env
 from tensorboardX import SummaryWriter
 
+from envs.normalisation import ObservationStats, fit_stats
 from orchestrator import metric_keys as mk
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.statistics import summarise
 from orchestrator.experiments import ENV_NAME, TrialSpec, make_env, trial_env
-from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE
+from orchestrator.run_dir import ALGO_DIR, BEST_POLICY_FILE, OBSERVATION_STATS_FILE
 from orchestrator.training.ppo import (
     ExportedPolicy,
     build_ppo_config,
@@ -96,17 +98,20 @@ def train_ppo(
     (:class:`~orchestrator.training.local_ppo.LocalPPO`) instead of its ``Algorithm``."""
     run = spec.run
     register_env(ENV_NAME, make_env)
-    env_config = {"spec": spec.to_param(), "segmenter": client}
-    config = build_ppo_config(run.ppo, ENV_NAME, env_config)
-    algo: PpoAlgorithm
-    if local:
-        from orchestrator.training.local_ppo import LocalPPO
-
-        algo = LocalPPO(config)
-    else:
-        algo = config.build_algo()
-    best = BestPolicy(sink.trial_dir)
+    env_config: dict[str, Any] = {"spec": spec.to_param(), "segmenter": client}
     with sink.restored() as directory:
+        stats = observation_stats(spec, client, directory)
+        if stats is not None:
+            env_config["obs_stats"] = stats.to_dict()
+        config = build_ppo_config(run.ppo, ENV_NAME, env_config)
+        algo: PpoAlgorithm
+        if local:
+            from orchestrator.training.local_ppo import LocalPPO
+
+            algo = LocalPPO(config)
+        else:
+            algo = config.build_algo()
+        best = BestPolicy(sink.trial_dir, stats)
         if directory is not None:
             rllib_algorithm(algo).restore_from_path(directory / ALGO_DIR)
             best.restore(directory)
@@ -135,13 +140,32 @@ def train_ppo(
     return metrics
 
 
+def observation_stats(
+    spec: TrialSpec, client: SegmentationClient, checkpoint: Path | None
+) -> ObservationStats | None:
+    """The trial's fixed observation normalisation (``None`` with
+    ``ppo.normalize_observations: false``): the checkpoint's when resuming, else the mean/std of
+    ``ppo.normalization_steps`` random-policy steps on the training images (seeded by
+    ``ppo.seed``; observations only, no ground truth)."""
+    ppo = spec.run.ppo
+    if not ppo.normalize_observations:
+        return None
+    if checkpoint is not None and (checkpoint / OBSERVATION_STATS_FILE).is_file():
+        return ObservationStats.from_dict(
+            json.loads((checkpoint / OBSERVATION_STATS_FILE).read_text())
+        )
+    env = trial_env(spec, client, "train", spec.run.data.max_train_images)
+    return fit_stats(env, ppo.normalization_steps, seed=ppo.seed)
+
+
 class BestPolicy:
     """The exported policy of the iteration with the highest ``rollout/ep_rew_mean`` so far
     (RLlib's 100-episode mean): what evaluation uses. Kept in every checkpoint."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, stats: ObservationStats | None = None) -> None:
         self.score = -math.inf
         self.path = directory / BEST_POLICY_FILE
+        self.stats = stats
 
     def offer(self, module: RLModule | None, metrics: Mapping[str, float], spec: TrialSpec) -> None:
         score = metrics.get(mk.EP_REW_MEAN, -math.inf)
@@ -155,7 +179,7 @@ class BestPolicy:
                 "ep_rew_mean": score,
             }
             assert isinstance(module, torch.nn.Module), "PPO's RLModule is a torch module"
-            export_policy(module, self.path, metadata)
+            export_policy(module, self.path, metadata, self.stats)
 
     def restore(self, directory: Path) -> None:
         saved = directory / BEST_POLICY_FILE
@@ -175,6 +199,9 @@ def _report(
     with tempfile.TemporaryDirectory() as directory:
         rllib_algorithm(algo).save_to_path(Path(directory) / ALGO_DIR)
         shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)
+        if best.stats is not None:
+            stats = json.dumps(best.stats.to_dict())
+            (Path(directory) / OBSERVATION_STATS_FILE).write_text(stats)
         sink.report(metrics, checkpoint=Path(directory))
 
 

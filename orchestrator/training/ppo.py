@@ -24,12 +24,15 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
+from envs.normalisation import ObservationStats
 from models.errors import UserError
 from orchestrator import metric_keys as mk
 from orchestrator import run_dir
 from orchestrator.config import PpoConfig
 
-POLICY_FORMAT_VERSION = 1
+POLICY_FORMAT_VERSION = 2
+"""2: the observation normalisation travels with the weights (``observation_stats``, or the
+explicit ``"observation_normalisation": "none"``); 1: raw observations, no stats."""
 # Linear layers of RLlib's default actor MLP and logits head (not the critic, not constants).
 _POLICY_LAYER = re.compile(r"^(encoder\.actor_encoder|pi)\.net\.mlp\.(\d+)\.(weight|bias)$")
 
@@ -97,13 +100,31 @@ def flatten_result(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and np.isfinite(v)}
 
 
-def export_policy(module: torch.nn.Module, path: Path, metadata: dict[str, Any]) -> Path:
-    """Save the policy network (encoder + head) as a plain state dict with ``metadata``."""
+def export_policy(
+    module: torch.nn.Module,
+    path: Path,
+    metadata: dict[str, Any],
+    stats: ObservationStats | None = None,
+) -> Path:
+    """Save the policy network (encoder + head) as a plain state dict with ``metadata`` and the
+    observation statistics it was trained behind (``None``: it saw raw observations)."""
     state = {k: v.detach().cpu() for k, v in module.state_dict().items() if _POLICY_LAYER.match(k)}
+    payload: dict[str, Any] = {
+        "state_dict": state,
+        "metadata": {
+            "version": POLICY_FORMAT_VERSION,
+            **metadata,
+            "observation_normalisation": "none" if stats is None else "standardise",
+        },
+    }
+    if stats is not None:
+        payload["observation_stats"] = {
+            "mean": torch.from_numpy(stats.mean.copy()),
+            "std": torch.from_numpy(stats.std.copy()),
+            "samples": stats.samples,
+        }
     buffer = io.BytesIO()
-    torch.save(
-        {"state_dict": state, "metadata": {"version": POLICY_FORMAT_VERSION, **metadata}}, buffer
-    )
+    torch.save(payload, buffer)
     run_dir.write_bytes(path, buffer.getvalue())
     return path
 
@@ -112,12 +133,26 @@ class ExportedPolicy:
     """A policy saved by :func:`export_policy`, runnable with torch alone.
 
     Rebuilds RLlib's default MLP (tanh hidden layers, linear logits head) from the saved
-    weights; :meth:`act` is greedy (argmax), which is what evaluation wants.
+    weights; :meth:`logits` and :meth:`act` take the env's raw observation and apply the saved
+    normalisation first (``stats``; ``None`` for a policy trained on raw observations, which
+    includes every version-1 file). :meth:`act` is greedy (argmax), which is what evaluation
+    wants.
     """
 
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], metadata: dict[str, Any]):
+    def __init__(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor]],
+        metadata: dict[str, Any],
+        stats: ObservationStats | None = None,
+    ):
         self.layers = layers
         self.metadata = metadata
+        self.stats = stats
+        if stats is not None and stats.dim != layers[0][0].shape[1]:
+            raise UserError(
+                f"policy normalisation has {stats.dim} features but its first layer takes "
+                f"{layers[0][0].shape[1]}; the file is inconsistent, re-run the experiment"
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> ExportedPolicy:
@@ -125,8 +160,11 @@ class ExportedPolicy:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             state, metadata = payload["state_dict"], dict(payload["metadata"])
+            stats = _stats_of(payload, metadata, path)
         except FileNotFoundError:
             raise UserError(f"policy file {path} not found; re-run the experiment") from None
+        except UserError:
+            raise
         except pickle.UnpicklingError:
             # torch's own message suggests weights_only=False: wrong advice for untrusted files.
             raise UserError(
@@ -150,9 +188,12 @@ class ExportedPolicy:
             ]
         if not layers:
             raise UserError(f"policy file {path} holds no policy layers; re-run the experiment")
-        return cls(layers, metadata)
+        return cls(layers, metadata, stats)
 
     def logits(self, observation: np.ndarray) -> np.ndarray:
+        """The action logits of one raw observation (normalised here, as in training)."""
+        if self.stats is not None:
+            observation = self.stats.apply(observation)
         x = torch.as_tensor(observation, dtype=torch.float32).reshape(1, -1)
         with torch.no_grad():
             for i, (weight, bias) in enumerate(self.layers):
@@ -163,3 +204,28 @@ class ExportedPolicy:
 
     def act(self, observation: np.ndarray) -> int:
         return int(np.argmax(self.logits(observation)))
+
+
+def _stats_of(
+    payload: dict[str, Any], metadata: dict[str, Any], path: Path
+) -> ObservationStats | None:
+    """The saved normalisation; refuses a file that says it normalised but holds no stats."""
+    version = int(metadata.get("version", 1))
+    if version > POLICY_FORMAT_VERSION:
+        raise UserError(
+            f"policy file {path} has format version {version}, newer than this sa2va-rl "
+            f"understands ({POLICY_FORMAT_VERSION}); upgrade sa2va-rl or re-run the experiment"
+        )
+    mode = metadata.get("observation_normalisation", "none" if version == 1 else None)
+    if mode == "none":
+        return None
+    saved = payload.get("observation_stats")
+    if mode != "standardise" or saved is None:
+        raise UserError(
+            f"policy file {path} was trained on normalised observations but holds no "
+            "normalisation statistics (observation_stats): evaluating it on raw observations "
+            "would not be the policy that was trained; re-run the experiment"
+        )
+    return ObservationStats(
+        saved["mean"].numpy(), saved["std"].numpy(), int(saved.get("samples", 0))
+    )
