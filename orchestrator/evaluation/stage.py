@@ -157,34 +157,19 @@ class _Setup:
     scorer: RewardScorer | None
 
 
-def _evaluate_split(
-    setup: _Setup,
-    split: str,
+def learner_steps(
+    learners: Learners,
+    config: RunConfig,
     evaluator: Evaluator,
-    references: ReferenceResults | None = None,
-    during: str = "",
-) -> list[ImageResult]:
-    """The methods on the evaluator's images (``split``); the oracles on the test split only.
-    Methods in ``references`` (test split) take its rows instead of being computed again."""
+    segmenter: Segmenter,
+) -> list[tuple[str, Callable[[], list[ImageResult]]]]:
+    """The four fitted learners on the evaluator's images, as (method, compute) steps. They
+    need no trained policy: a caller may run them before or while the trials train."""
     samples = list(evaluator.test)
-    config, segmenter, policies, learners = (
-        setup.config,
-        setup.segmenter,
-        setup.policies,
-        setup.learners,
-    )
-    envs = {t: build_env(trial(t), config, samples, segmenter, setup.scorer) for t in policies}
     prompt_env = _prompt_env(config, samples, segmenter)
     post_env = build_env(POSTPROCESS, config, samples, segmenter)
-    table = learners.ops_table
-    ops_pick = learners.ops_picker.pick
-    # The baseline goes first: it picks the example images the later methods save masks of.
-    steps: list[tuple[str, Callable[[], list[ImageResult]]]] = [
-        ("baseline", evaluator.baseline),
-        (
-            "best_fixed_prompt",
-            functools.partial(evaluator.fixed_prompt, "best_fixed_prompt", setup.fixed_prompt),
-        ),
+    table, ops_pick = learners.ops_table, learners.ops_picker.pick
+    return [
         (
             "bandit_prompt",
             functools.partial(
@@ -212,6 +197,29 @@ def _evaluate_split(
                 evaluator.sequences, "best_fixed_ops", post_env, lambda _: table.best_fixed
             ),
         ),
+    ]
+
+
+def _evaluate_split(
+    setup: _Setup,
+    split: str,
+    evaluator: Evaluator,
+    references: ReferenceResults | None = None,
+    during: str = "",
+) -> list[ImageResult]:
+    """The methods on the evaluator's images (``split``); the oracles on the test split only.
+    Methods in ``references`` (test split) take its rows instead of being computed again."""
+    samples = list(evaluator.test)
+    config, segmenter, policies = setup.config, setup.segmenter, setup.policies
+    envs = {t: build_env(trial(t), config, samples, segmenter, setup.scorer) for t in policies}
+    # The baseline goes first: it picks the example images the later methods save masks of.
+    steps: list[tuple[str, Callable[[], list[ImageResult]]]] = [
+        ("baseline", evaluator.baseline),
+        (
+            "best_fixed_prompt",
+            functools.partial(evaluator.fixed_prompt, "best_fixed_prompt", setup.fixed_prompt),
+        ),
+        *learner_steps(setup.learners, config, evaluator, segmenter),
     ]
     for t, policy in policies.items():
         method = trial(t).method

@@ -93,8 +93,9 @@ def tensorboard_writer(trial_dir: Path) -> SummaryWriter:
 def train_ppo(
     spec: TrialSpec, client: SegmentationClient, sink: ResultSink, *, local: bool = False
 ) -> dict[str, float]:
-    """Train the PPO trial of ``spec`` to ``ppo.total_env_steps``; returns the last metrics
-    (with the best policy's ``eval/<metric>``). ``local``: RLlib's PPO without Ray
+    """Train the PPO trial of ``spec`` to ``ppo.total_env_steps`` behind its fixed observation
+    normalisation (:func:`observation_stats`); returns the last metrics (with the best policy's
+    ``eval/<metric>``). ``local``: RLlib's PPO without Ray
     (:class:`~orchestrator.training.local_ppo.LocalPPO`) instead of its ``Algorithm``."""
     run = spec.run
     register_env(ENV_NAME, make_env)
