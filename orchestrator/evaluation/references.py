@@ -1,7 +1,8 @@
 """The methods that need no trained policy, evaluated while the trials train.
 
-``baseline``, ``best_fixed_prompt``, ``oracle_prompt`` and ``oracle_postprocess`` depend only on
-the data, the segmenter and the config, not on any trial. :func:`start_reference_evaluation`
+``baseline``, ``best_fixed_prompt``, the four learners of :mod:`.learners` (fitted on the
+training images), ``oracle_prompt`` and ``oracle_postprocess`` depend only on the data, the
+segmenter and the config, not on any trial. :func:`start_reference_evaluation`
 runs them in a Ray task (reserving no logical CPU, so Tune schedules the trials as before) at
 the priority of the trials off the reward-net chain
 (:func:`~orchestrator.training.priority.lower_thread_priority`):
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from envs.sources import load_split
 from orchestrator.config import RunConfig
+from orchestrator.evaluation.learners import Learners, fit_learners, learner_steps
 from orchestrator.evaluation.methods import best_fixed_prompt, make_evaluator
 from orchestrator.evaluation.per_image import ImageResult
 from orchestrator.run_dir import RunPaths
@@ -29,43 +31,50 @@ if TYPE_CHECKING:
     from orchestrator.data import PreparedData
     from orchestrator.inference.client import SegmentationClient
 
-REFERENCE_METHODS = ("baseline", "best_fixed_prompt", "oracle_prompt", "oracle_postprocess")
+FIT_LEARNERS = "learners fitted"
+"""Key of the learners' fitting time in :attr:`ReferenceResults.seconds`."""
 
 
 @dataclass(frozen=True)
 class ReferenceResults:
-    """The rows of :data:`REFERENCE_METHODS`, the example images the baseline picked (the
-    other methods save their masks of those) and each method's wall time."""
+    """The policy-free methods' rows on the test split, the example images the baseline picked
+    (the other methods save their masks of those), the fitted learners and best fixed prompt
+    (the evaluation applies them to the training images too) and each step's wall time."""
 
     rows: dict[str, list[ImageResult]]
     keep_ids: frozenset[str]
+    learners: Learners
+    fixed_prompt: str
     seconds: dict[str, float]
 
 
 def evaluate_references(
     config: RunConfig, paths: RunPaths, prepared: PreparedData, segmenter: SegmentationClient
 ) -> ReferenceResults:
-    """:data:`REFERENCE_METHODS` on the test split; saves their example masks (after clearing
-    stale ones of a resumed run)."""
+    """The policy-free methods on the test split (the learners fitted on the training images
+    first); saves their example masks (after clearing stale ones of a resumed run)."""
     test = load_split(prepared.ref, "test", config.data.max_eval_images)
     train = load_split(prepared.ref, "train", config.data.max_train_images)
     shutil.rmtree(paths.examples_dir, ignore_errors=True)
     evaluator = make_evaluator(config, test, segmenter, examples_dir=paths.examples_dir)
-    steps = {
+    start = time.monotonic()
+    learners = fit_learners(config, train, segmenter)
+    fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
+    seconds = {FIT_LEARNERS: time.monotonic() - start}
+    steps = [
         # The baseline goes first: it picks the example images the later methods save.
-        "baseline": evaluator.baseline,
-        "best_fixed_prompt": lambda: evaluator.fixed_prompt(
-            "best_fixed_prompt", best_fixed_prompt(train, segmenter, config.env.prompts)
-        ),
-        "oracle_prompt": evaluator.oracle_prompt,
-        "oracle_postprocess": evaluator.oracle_postprocess,
-    }
-    rows, seconds = {}, {}
-    for method, compute in steps.items():
+        ("baseline", evaluator.baseline),
+        ("best_fixed_prompt", lambda: evaluator.fixed_prompt("best_fixed_prompt", fixed)),
+        *learner_steps(learners, config, evaluator, segmenter),
+        ("oracle_prompt", evaluator.oracle_prompt),
+        ("oracle_postprocess", evaluator.oracle_postprocess),
+    ]
+    rows = {}
+    for method, compute in steps:
         start = time.monotonic()
         rows[method] = compute()
         seconds[method] = time.monotonic() - start
-    return ReferenceResults(rows, evaluator.keep_ids, seconds)
+    return ReferenceResults(rows, evaluator.keep_ids, learners, fixed, seconds)
 
 
 def start_reference_evaluation(

@@ -10,42 +10,30 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from envs.mask_ops import MaskOpsConfig
-from envs.sample import Sample
 from envs.sources import load_split
 from models.reward_net import RewardScorer, load_checkpoint
 from models.segmentation import Segmenter
 from orchestrator.config import RunConfig
-from orchestrator.evaluation.baselines import (
-    LinearPicker,
-    LinUCB,
-    SequenceTable,
-    prompt_outcomes,
-    reset_observations,
-    sequence_table,
-    train_bandit,
-)
+from orchestrator.evaluation.learners import Learners, learner_steps
 from orchestrator.evaluation.methods import (
     Evaluator,
     Policy,
-    best_fixed_prompt,
     make_evaluator,
 )
 from orchestrator.evaluation.per_image import ImageResult, write_rows
 from orchestrator.evaluation.references import (
+    FIT_LEARNERS,
     ReferenceResults,
     evaluate_references,
 )
 from orchestrator.experiments import (
     COMBINED_METHOD,
     COMBINED_OF,
-    POSTPROCESS,
-    PROMPT,
     TrialOutcome,
     build_env,
     trial,
@@ -66,39 +54,6 @@ def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
             if path.is_file():
                 found[outcome.name] = path
     return found
-
-
-@dataclass(frozen=True)
-class Learners:
-    """The baselines fitted on the training images (see :mod:`.baselines`)."""
-
-    bandit: LinUCB
-    prompt_picker: LinearPicker
-    ops_picker: LinearPicker
-    ops_table: SequenceTable
-
-
-def fit_learners(config: RunConfig, train: Sequence[Sample], segmenter: Segmenter) -> Learners:
-    """The bandit (``ppo.total_env_steps`` interactions, seeded by ``ppo.seed``), the ridge
-    pickers and the op-sequence table, all on ``train``."""
-    ppo, env = config.ppo, config.env
-    outcomes = prompt_outcomes(_prompt_env(config, train, segmenter), train)
-    bandit = train_bandit(outcomes, ppo.total_env_steps, seed=ppo.seed)
-    prompt_picker = LinearPicker.fit(outcomes.observations, outcomes.dice)
-    ops = MaskOpsConfig.from_dict(dict(config.mask_ops))
-    depth = env.steps_for(POSTPROCESS.experiment)
-    table = sequence_table(train, segmenter, env.default_prompt, ops, depth)
-    post_env = build_env(POSTPROCESS, config, train, segmenter)
-    ops_picker = LinearPicker.fit(reset_observations(post_env, train), table.dice)
-    return Learners(bandit, prompt_picker, ops_picker, table)
-
-
-def _prompt_env(config: RunConfig, samples: Sequence[Sample], segmenter: Segmenter) -> Any:
-    """The prompt env with one decision per image: what the prompt learners choose in."""
-    one_step = config.model_copy(
-        update={"env": config.env.model_copy(update={"episode_steps": {"prompt": 1}})}
-    )
-    return build_env(PROMPT, one_step, samples, segmenter)
 
 
 def evaluate_run(
@@ -125,13 +80,6 @@ def evaluate_run(
     # The baseline (computed with the references) picked the example images.
     test_evaluator.keep_ids = references.keep_ids
     policies: dict[str, Policy] = {t: ExportedPolicy.load(p).act for t, p in policy_files.items()}
-    start = time.monotonic()
-    learners = fit_learners(config, train, segmenter)
-    print(
-        f"  {'learners fitted':20s} {len(train)} train images in {time.monotonic() - start:.1f} s",
-        flush=True,
-    )
-    fixed = best_fixed_prompt(train, segmenter, config.env.prompts)
     scorer = None
     if any(trial(name).needs_reward_net for name in policies):
         scorer = load_checkpoint(
@@ -139,7 +87,11 @@ def evaluate_run(
             backend_id=segmenter.backend_id,
             manifest_hash=prepared.manifest_hash,
         )
-    setup = _Setup(config, segmenter, policies, learners, fixed, scorer)
+    setup = _Setup(
+        config, segmenter, policies, references.learners, references.fixed_prompt, scorer
+    )
+    fitted = references.seconds[FIT_LEARNERS]
+    print(f"  {FIT_LEARNERS:20s} {len(train)} train images in {fitted:.1f} s{during}", flush=True)
     rows = _evaluate_split(setup, "test", test_evaluator, references, during)
     write_rows(paths.per_image_csv, rows)
     train_rows = _evaluate_split(setup, "train", make_evaluator(config, train, segmenter))
@@ -155,49 +107,6 @@ class _Setup:
     learners: Learners
     fixed_prompt: str
     scorer: RewardScorer | None
-
-
-def learner_steps(
-    learners: Learners,
-    config: RunConfig,
-    evaluator: Evaluator,
-    segmenter: Segmenter,
-) -> list[tuple[str, Callable[[], list[ImageResult]]]]:
-    """The four fitted learners on the evaluator's images, as (method, compute) steps. They
-    need no trained policy: a caller may run them before or while the trials train."""
-    samples = list(evaluator.test)
-    prompt_env = _prompt_env(config, samples, segmenter)
-    post_env = build_env(POSTPROCESS, config, samples, segmenter)
-    table, ops_pick = learners.ops_table, learners.ops_picker.pick
-    return [
-        (
-            "bandit_prompt",
-            functools.partial(
-                evaluator.policy, "bandit_prompt", prompt_env, learners.bandit.greedy
-            ),
-        ),
-        (
-            "supervised_prompt",
-            functools.partial(
-                evaluator.policy, "supervised_prompt", prompt_env, learners.prompt_picker.pick
-            ),
-        ),
-        (
-            "supervised_ops",
-            functools.partial(
-                evaluator.sequences,
-                "supervised_ops",
-                post_env,
-                lambda obs: table.sequences[ops_pick(obs)],
-            ),
-        ),
-        (
-            "best_fixed_ops",
-            functools.partial(
-                evaluator.sequences, "best_fixed_ops", post_env, lambda _: table.best_fixed
-            ),
-        ),
-    ]
 
 
 def _evaluate_split(
