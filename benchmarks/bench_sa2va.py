@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
-from orchestrator.gpu_budget import FOOTPRINTS
 from PIL import Image
 
 from envs.synthetic import generate_samples
 from models.errors import UserError
 from models.prompts import DEFAULT_PROMPT
 from models.sa2va import Sa2VASegmenter, preflight
+from orchestrator.gpu.budget import FOOTPRINTS
 
 MIB = 2**20
 

@@ -417,7 +417,7 @@ def test_with_a_runtime_env_the_driver_leaves_the_environment_to_the_workers(
 
 @pytest.mark.slow
 def test_segmentation_workers_run_in_the_backend_runtime_env(tmp_path: Path) -> None:
-    from orchestrator.segmentation_client import NAMESPACE, shutdown_workers
+    from orchestrator.inference.pool import NAMESPACE, shutdown_workers
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({
