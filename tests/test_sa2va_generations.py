@@ -72,7 +72,11 @@ def test_installed_transformers_is_the_range_setup_cfg_pins() -> None:
     parser = configparser.ConfigParser()
     parser.read(ROOT / "setup.cfg")
     requires = parser["options"]["install_requires"]
-    assert f"transformers{gen.PROJECT_TRANSFORMERS}" in requires.split()
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    pins = [Requirement(line) for line in requires.splitlines() if line.startswith("transformers")]
+    assert [r.specifier for r in pins] == [SpecifierSet(gen.PROJECT_TRANSFORMERS)]
     assert V2_INTERNVL.accepts(INSTALLED) and V2_QWEN.accepts(INSTALLED)
     assert not V2_INTERNVL.accepts("5.0.0") and not V2_INTERNVL.accepts("4.56.2")
     assert V1.accepts("4.51.3") and not V1.accepts("4.52.0")
