@@ -6,6 +6,7 @@ Used by the ``bridge_gaps`` operation of :mod:`envs.mask_ops`; parameters live i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -16,6 +17,7 @@ from envs.mask_ops_config import MaskOpsConfig
 
 # Neighbour offsets in a fixed order, so skeleton tracing is deterministic.
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+_OFFSETS = np.array(_NEIGHBOURS, np.intp)
 
 
 def bridge_gaps(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
@@ -36,23 +38,16 @@ def bridge_gaps(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
     skeleton = skeletonize(mask.copy())
     # Distance to the background = half the local vessel width (1 on a 1 px line).
     radius_map = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    tips = _skeleton_tips(skeleton)
     candidates = []
-    for tip in _skeleton_tips(skeleton):
-        path = _trace(skeleton, tip, config.bridge_trace_length)
-        if len(path) < 2:
-            continue
-        vec = np.array([tip[0] - path[-1][0], tip[1] - path[-1][1]], dtype=np.float64)
-        target = _bridge_target(labels, tip, vec / np.linalg.norm(vec), config)
-        if target is not None:
-            # The vessel narrows at its very tip, so take its width along the traced piece.
-            radius = max(float(radius_map[p]) for p in path)
-            candidates.append((target[0], tip, target[1], radius))
+    for i, dist, target, radius in _bridge_targets(labels, skeleton, radius_map, tips, config):
+        candidates.append((dist, (int(tips[i, 0]), int(tips[i, 1])), target, radius))
     out = mask.astype(np.uint8)
     joined = _UnionFind(n)
     for _, (r, c), (tr, tc), radius in sorted(candidates):
         if not joined.union(int(labels[r, c]), int(labels[tr, tc])):
             continue
-        thickness = int(np.clip(2 * round(radius) - 1, 1, config.bridge_max_width))
+        thickness = min(max(2 * round(radius) - 1, 1), config.bridge_max_width)
         _draw_bridge(out, (r, c), (tr, tc), thickness)
     return out.astype(bool)
 
@@ -74,62 +69,104 @@ def _draw_bridge(out: np.ndarray, p: tuple[int, int], q: tuple[int, int], width:
     out[r0:r1, c0:c1] |= band
 
 
-def _skeleton_tips(skeleton: np.ndarray) -> list[tuple[int, int]]:
-    """Skeleton pixels with exactly one skeleton neighbour, in row-major order."""
+def _skeleton_tips(skeleton: np.ndarray) -> np.ndarray:
+    """(row, col) of the skeleton pixels with exactly one skeleton neighbour, row-major."""
     sk = skeleton.astype(np.uint8)
     counts = cv2.filter2D(sk, -1, np.ones((3, 3), np.float32), borderType=cv2.BORDER_CONSTANT)
-    rows, cols = np.nonzero((sk == 1) & (counts == 2))
-    return list(zip(rows.tolist(), cols.tolist(), strict=True))
+    return np.argwhere((sk == 1) & (counts == 2))
 
 
-def _trace(skeleton: np.ndarray, tip: tuple[int, int], length: int) -> list[tuple[int, int]]:
-    """Up to ``length + 1`` skeleton pixels starting at ``tip`` and walking away from it."""
-    h, w = skeleton.shape
-    visited = {tip}
-    path = [tip]
-    for _ in range(length):
-        r, c = path[-1]
-        nxt = [
-            (r + dr, c + dc)
-            for dr, dc in _NEIGHBOURS
-            if 0 <= r + dr < h
-            and 0 <= c + dc < w
-            and skeleton[r + dr, c + dc]
-            and (r + dr, c + dc) not in visited
-        ]
-        if not nxt:
-            break
-        visited.update(nxt)
-        # On staircases and junctions follow the neighbour farthest from the tip, so the trace
-        # keeps heading away from it.
-        path.append(max(nxt, key=lambda p: (p[0] - tip[0]) ** 2 + (p[1] - tip[1]) ** 2))
-    return path
+@functools.lru_cache(maxsize=8)
+def _disc_offsets(max_gap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dr, dc, dist) of every pixel offset with 0 < distance <= ``max_gap``, nearest first,
+    ties by row then column offset: around one tip, the order (distance, row, column)."""
+    g = math.ceil(max_gap)
+    dr, dc = (a.ravel() for a in np.mgrid[-g : g + 1, -g : g + 1])
+    dist = np.hypot(dr.astype(np.float64), dc.astype(np.float64))
+    keep = (dist > 0) & (dist <= max_gap)
+    order = np.lexsort((dc[keep], dr[keep], dist[keep]))
+    return dr[keep][order], dc[keep][order], dist[keep][order]
 
 
-def _bridge_target(
-    labels: np.ndarray, tip: tuple[int, int], direction: np.ndarray, config: MaskOpsConfig
-) -> tuple[float, tuple[int, int]] | None:
-    """(distance, pixel) of the nearest other-component pixel inside the tip's cone, if any."""
+def _bridge_targets(
+    labels: np.ndarray,
+    skeleton: np.ndarray,
+    radius_map: np.ndarray,
+    tips: np.ndarray,
+    config: MaskOpsConfig,
+) -> list[tuple[int, float, tuple[int, int], float]]:
+    """(tip index, distance, pixel, radius) for every tip with a pixel of another component
+    inside its cone: the nearest such pixel (ties: row, then column), and the largest vessel
+    radius along the tip's trace (the vessel narrows at its very tip).
+
+    All tips are handled at once: the labels on the disc of offsets around each tip
+    (:func:`_disc_offsets`), then one trace per tip with another component inside the disc at
+    all (:func:`_trace`), then the cone.
+    """
+    dr, dc, dist = _disc_offsets(config.bridge_max_gap)
     g = math.ceil(config.bridge_max_gap)
-    r0, c0 = max(tip[0] - g, 0), max(tip[1] - g, 0)
-    window = labels[r0 : tip[0] + g + 1, c0 : tip[1] + g + 1]
-    own = labels[tip]
-    rows, cols = np.nonzero((window != 0) & (window != own))
-    if rows.size == 0:
-        return None
-    dr = (rows + r0 - tip[0]).astype(np.float64)
-    dc = (cols + c0 - tip[1]).astype(np.float64)
-    dist = np.hypot(dr, dc)
-    cos = (dr * direction[0] + dc * direction[1]) / dist
-    ok = (dist <= config.bridge_max_gap) & (
-        cos >= math.cos(math.radians(config.bridge_max_angle_deg)) - 1e-9
+    padded = np.pad(labels, g)  # label 0 (background) outside the image: never a target
+    around = padded[tips[:, :1] + g + dr, tips[:, 1:] + g + dc]
+    other = (around != 0) & (around != labels[tips[:, 0], tips[:, 1]][:, None])
+    near = np.flatnonzero(other.any(axis=1))
+    ends, radius = _trace(skeleton, radius_map, tips[near], config.bridge_trace_length)
+    traced = (ends != 0).any(axis=1)  # specks (no skeleton neighbour to walk to) have no direction
+    near, ends, radius = near[traced], ends[traced], radius[traced]
+    vec = -ends.astype(np.float64)  # from the trace's far end to the tip
+    direction = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    cos = (dr * direction[:, :1] + dc * direction[:, 1:]) / dist
+    ok = other[near] & (cos >= math.cos(math.radians(config.bridge_max_angle_deg)) - 1e-9)
+    hit = np.flatnonzero(ok.any(axis=1))
+    best = ok[hit].argmax(axis=1)  # the first in (distance, row, column) order
+    tip_index = near[hit]
+    target_r = (tips[tip_index, 0] + dr[best]).tolist()
+    target_c = (tips[tip_index, 1] + dc[best]).tolist()
+    return list(
+        zip(
+            tip_index.tolist(),
+            dist[best].tolist(),
+            zip(target_r, target_c, strict=True),
+            radius[hit].tolist(),
+            strict=True,
+        )
     )
-    if not ok.any():
-        return None
-    # lexsort: nearest first, ties broken by row then column, for determinism
-    idx = np.flatnonzero(ok)
-    best = idx[np.lexsort((cols[idx], rows[idx], dist[idx]))[0]]
-    return float(dist[best]), (int(rows[best] + r0), int(cols[best] + c0))
+
+
+def _trace(
+    skeleton: np.ndarray, radius_map: np.ndarray, tips: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Walk up to ``length`` skeleton pixels away from every tip at once; returns each walk's
+    last pixel as an offset from its tip ((0, 0): the tip had nowhere to go) and the largest
+    ``radius_map`` value on the walk, tip included.
+
+    Each step goes to an unvisited skeleton neighbour (all of them become visited); on
+    staircases and junctions to the one farthest from the tip (ties: the first in
+    :data:`_NEIGHBOURS` order), so the walk keeps heading away from it.
+    """
+    n, pad = len(tips), length + 1
+    window = 2 * pad + 1  # every pixel a walk can reach, around its tip
+    sk = np.pad(skeleton.astype(bool), pad)
+    visited = np.zeros((n, window, window), bool)
+    visited[:, pad, pad] = True
+    here = np.zeros((n, 2), np.intp)
+    radius = radius_map[tips[:, 0], tips[:, 1]].astype(np.float64)
+    walking = np.ones(n, bool)
+    rows = np.arange(n)[:, None]
+    for _ in range(length):
+        step = here[:, None, :] + _OFFSETS  # (n, 8, 2), offsets from the tip
+        at = tips[:, None, :] + step + pad
+        free = sk[at[..., 0], at[..., 1]] & ~visited[rows, step[..., 0] + pad, step[..., 1] + pad]
+        free &= walking[:, None]
+        moved = free.any(axis=1)
+        if not moved.any():
+            break
+        visited[np.nonzero(free)[0], *(step[free] + pad).T] = True
+        far = np.where(free, (step**2).sum(axis=2), -1).argmax(axis=1)
+        here[moved] = step[moved, far[moved]]
+        pixel = tips[moved] + here[moved]
+        radius[moved] = np.maximum(radius[moved], radius_map[pixel[:, 0], pixel[:, 1]])
+        walking &= moved
+    return here, radius
 
 
 class _UnionFind:

@@ -65,14 +65,15 @@ class PromptSelectionEnv(SegmentationEnv):
         )
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
+        prompt = self.default_prompt
         return MaskState.from_segmentation(
-            self.segmenter.segment(sample.image, self.default_prompt)
+            self.segmenter.segment(sample.image, prompt), prompt=prompt
         )
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         prompt = self.prompts[action]
         segmentation = self.segmenter.segment(self.sample.image, prompt)
-        return MaskState.from_segmentation(segmentation), False, {"prompt": prompt}
+        return MaskState.from_segmentation(segmentation, prompt=prompt), False, {"prompt": prompt}
 
 
 class RewardGuidedPromptEnv(PromptSelectionEnv):
@@ -133,7 +134,9 @@ class PostProcessEnv(SegmentationEnv):
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
         prompt = options.get("base_prompt", self.base_prompt)
-        return MaskState.from_segmentation(self.segmenter.segment(sample.image, prompt))
+        return MaskState.from_segmentation(
+            self.segmenter.segment(sample.image, prompt), prompt=prompt
+        )
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         name = self.ops_config.ops[action]

@@ -130,6 +130,7 @@ def observation(
     step: int,
     max_steps: int,
     image_feats: np.ndarray | None = None,
+    mask_feats: np.ndarray | None = None,
 ) -> np.ndarray:
     """float32[24]: image features, mask features, progress.
 
@@ -140,14 +141,19 @@ def observation(
         step: steps taken so far in the episode, 0..max_steps.
         max_steps: episode length limit, >= 1.
         image_feats: cached ``image_features(image)``, to skip recomputing it every step.
+        mask_feats: cached ``mask_features(mask, prob)`` (``mask`` and ``prob`` are then
+            ignored), for a state whose features are known already.
     """
     if max_steps < 1 or not 0 <= step <= max_steps:
         raise ValueError(f"need 0 <= step <= max_steps and max_steps >= 1, got {step}/{max_steps}")
     img = image_features(image) if image_feats is None else image_feats
     if img.shape != (IMAGE_FEATURE_DIM,):
         raise ValueError(f"image_feats must have shape ({IMAGE_FEATURE_DIM},), got {img.shape}")
+    msk = mask_features(mask, prob) if mask_feats is None else mask_feats
+    if msk.shape != (MASK_FEATURE_DIM,):
+        raise ValueError(f"mask_feats must have shape ({MASK_FEATURE_DIM},), got {msk.shape}")
     progress = np.array([step / max_steps], dtype=np.float32)
-    return np.concatenate([img, mask_features(mask, prob), progress]).astype(np.float32)
+    return np.concatenate([img, msk, progress]).astype(np.float32)
 
 
 def image_features(image: np.ndarray) -> np.ndarray:

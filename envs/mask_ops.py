@@ -71,11 +71,16 @@ class MaskState:
         prob: float32 HxW soft mask in [0, 1], or ``None`` when the backend gave none.
         threshold: the threshold ``mask`` was last built with from ``prob`` (``prob > threshold``);
             nominal (0.5 by default) when ``prob`` is ``None``.
+        origin: how the state was made from its image, when known: the prompt, then the name of
+            every op applied since (:func:`apply_op` extends it). Within one environment (one
+            segmenter, one op config) equal origins on one image mean equal states, so derived
+            values such as the observation can be memoised by it; ``None``: unknown.
     """
 
     mask: np.ndarray
     prob: np.ndarray | None
     threshold: float = 0.5
+    origin: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_mask_and_prob(self.mask, self.prob)
@@ -83,9 +88,22 @@ class MaskState:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
 
     @classmethod
-    def from_segmentation(cls, seg: Segmentation, threshold: float = 0.5) -> MaskState:
-        """Start from a backend answer: its hard mask as is, its soft mask for threshold ops."""
-        return cls(mask=seg.mask, prob=seg.prob, threshold=threshold)
+    def from_segmentation(
+        cls, seg: Segmentation, threshold: float = 0.5, prompt: str | None = None
+    ) -> MaskState:
+        """Start from a backend answer: its hard mask as is, its soft mask for threshold ops;
+        ``prompt``, the prompt it answered, starts the state's ``origin``."""
+        origin = None if prompt is None else (prompt,)
+        return cls(mask=seg.mask, prob=seg.prob, threshold=threshold, origin=origin)
+
+    def derived(self, op: str, mask: np.ndarray, threshold: float | None = None) -> MaskState:
+        """The state ``op`` turned this one into (same soft mask; ``origin`` extended)."""
+        return MaskState(
+            mask=mask,
+            prob=self.prob,
+            threshold=self.threshold if threshold is None else threshold,
+            origin=None if self.origin is None else (*self.origin, op),
+        )
 
 
 def op_available(name: str, state: MaskState) -> bool:
@@ -119,7 +137,7 @@ def apply_op(name: str, state: MaskState, config: MaskOpsConfig) -> MaskState:
         new_mask = morphology.grow_region(state.mask, state.prob, config)
     else:
         new_mask = _MASK_OPS[name](state.mask, config)
-    return MaskState(mask=new_mask, prob=state.prob, threshold=state.threshold)
+    return state.derived(name, new_mask)
 
 
 def _check_name(name: str) -> None:
@@ -137,7 +155,7 @@ def _rethreshold(state: MaskState, config: MaskOpsConfig, name: str) -> MaskStat
     # Rounding keeps repeated steps exact (0.5 - 0.1 - 0.1 == 0.3), so equal action sequences
     # give bit-equal thresholds and tests can name the expected value.
     new_t = round(min(config.threshold_max, max(config.threshold_min, target)), 9)
-    return MaskState(mask=state.prob > new_t, prob=state.prob, threshold=new_t)
+    return state.derived(name, state.prob > new_t, new_t)
 
 
 _MASK_OPS: dict[str, Callable[[np.ndarray, MaskOpsConfig], np.ndarray]] = {

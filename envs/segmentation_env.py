@@ -7,7 +7,9 @@ objective's change, observations, ``info``. A subclass says only where an episod
 
 Observations are computed from the image and the current mask only (see :mod:`envs.features`),
 plus the current soft-mask threshold and a one-hot of the previous action (none at reset).
-Ground truth reaches the reward and ``info``, never the observation.
+Ground truth reaches the reward and ``info``, never the observation. The image's features are
+computed once per image, the mask's once per state (image and ``MaskState.origin``: the prompt
+and the ops since): episodes revisit the same few states of each image over and over.
 
 ``info`` after every ``reset``/``step``: ``image_id``, ``objective``, ``best_reward`` (best
 objective so far in the episode), ``action`` (name of the action taken, ``"reset"`` at reset),
@@ -29,6 +31,9 @@ from envs.objectives import Objective
 from envs.sample import Sample
 from models.errors import UserError
 from models.segmentation import Segmenter
+
+MAX_MEMO_STATES = 200_000
+"""States whose mask features one environment keeps (a few hundred bytes each)."""
 
 
 def observation_space(n_actions: int) -> gym.spaces.Box:
@@ -83,6 +88,7 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         self.action_space = gym.spaces.Discrete(len(self.action_names))
         self.observation_space = observation_space(len(self.action_names))
         self._image_features: dict[str, np.ndarray] = {}
+        self._mask_features: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
         self._sample: Sample | None = None
         self._state: MaskState | None = None
 
@@ -159,12 +165,26 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
             self._steps,
             self.max_steps,
             image_feats=self._image_features[sample.id],
+            mask_feats=self._state_features(sample, state),
         )
         last = np.zeros(len(self.action_names), dtype=np.float32)
         if self._last_action is not None:
             last[self._last_action] = 1.0
         threshold = np.array([state.threshold], dtype=np.float32)
         return np.concatenate([base, threshold, last])
+
+    def _state_features(self, sample: Sample, state: MaskState) -> np.ndarray:
+        """``features.mask_features`` of ``state``, memoised by (image, origin) when the state
+        knows its origin (up to :data:`MAX_MEMO_STATES` states; then computed each time)."""
+        if state.origin is None:
+            return features.mask_features(state.mask, state.prob)
+        key = (sample.id, state.origin)
+        found = self._mask_features.get(key)
+        if found is None:
+            found = features.mask_features(state.mask, state.prob)
+            if len(self._mask_features) < MAX_MEMO_STATES:
+                self._mask_features[key] = found
+        return found
 
     def _info(self, action: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -223,6 +223,43 @@ def test_segmenter_calls_per_episode() -> None:
     assert seg.calls == 4  # the default prompt at reset, then one per step
 
 
+def test_memoised_observations_equal_fresh_ones() -> None:
+    # Mask features are memoised per (image, origin); every observation must still be what
+    # envs.features computes from the state itself, in every env, over many random episodes.
+    from envs import features
+
+    for env in _all_envs():
+        rng = np.random.default_rng(0)
+        for episode in range(40):
+            obs, _ = env.reset(seed=episode)
+            done = False
+            while True:
+                state, sample = env.unwrapped.state, env.unwrapped.sample
+                fresh = features.mask_features(state.mask, state.prob)
+                n_img = features.IMAGE_FEATURE_DIM
+                np.testing.assert_array_equal(obs[n_img : n_img + len(fresh)], fresh)
+                assert state.origin is not None and state.origin[0] in PROMPTS
+                assert sample.id in {s.id for s in env.unwrapped.samples}
+                if done:
+                    break
+                action = int(rng.integers(env.action_space.n))
+                obs, _, done, _, _ = env.step(action)
+        # States were revisited: the memo holds fewer states than observations were made.
+        assert 0 < len(env.unwrapped._mask_features) < 40 * (env.unwrapped.max_steps + 1)
+
+
+def test_state_origin_records_prompt_and_ops() -> None:
+    env = PostProcessEnv(samples=_samples(), segmenter=DarknessSegmenter(), base_prompt=PROMPTS[1])
+    env.reset(seed=0)
+    assert env.state.origin == (PROMPTS[1],)
+    ops = env.ops_config.ops
+    env.step(ops.index("dilate"))
+    env.step(ops.index("threshold_down"))
+    assert env.state.origin == (PROMPTS[1], "dilate", "threshold_down")
+    env.step(ops.index("stop"))
+    assert env.state.origin == (PROMPTS[1], "dilate", "threshold_down")
+
+
 # --- built from a data directory in each supported format ---------------------------------------
 def _polygon(row: int, width: int) -> list[int]:
     return [0, row, width - 1, row, width - 1, row + 1, 0, row + 1]

@@ -43,6 +43,7 @@ def test_signatures_take_no_ground_truth() -> None:
         "step",
         "max_steps",
         "image_feats",
+        "mask_feats",
     ]
     assert list(inspect.signature(mask_features).parameters) == ["mask", "prob"]
     assert list(inspect.signature(image_features).parameters) == ["image"]
