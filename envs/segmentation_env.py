@@ -8,8 +8,9 @@ objective's change, observations, ``info``. A subclass says only where an episod
 Observations are computed from the image and the current mask only (see :mod:`envs.features`),
 plus the current soft-mask threshold and a one-hot of the previous action (none at reset).
 Ground truth reaches the reward and ``info``, never the observation. The image's features are
-computed once per image, the mask's once per state (image and ``MaskState.origin``: the prompt
-and the ops since): episodes revisit the same few states of each image over and over.
+computed once per image; a state's mask features and objective once per state (image and
+``MaskState.origin``: the prompt and the ops since), because episodes revisit the same few
+states of each image over and over and both are functions of the state alone.
 
 ``info`` after every ``reset``/``step``: ``image_id``, ``objective``, ``best_reward`` (best
 objective so far in the episode), ``action`` (name of the action taken, ``"reset"`` at reset),
@@ -19,21 +20,24 @@ when the objective is the reward network, plus what the subclass adds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import gymnasium as gym
 import numpy as np
 
 from envs import features
 from envs.mask_ops import MaskState
-from envs.objectives import Objective
+from envs.objectives import Evaluation, Objective
 from envs.sample import Sample
 from models.errors import UserError
 from models.segmentation import Segmenter
 
 MAX_MEMO_STATES = 200_000
-"""States whose mask features one environment keeps (a few hundred bytes each)."""
+"""States whose mask features and objective one environment keeps (a few hundred bytes each);
+beyond that, new states are computed every time they come up."""
+
+_T = TypeVar("_T")
 
 
 def observation_space(n_actions: int) -> gym.spaces.Box:
@@ -88,7 +92,7 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         self.action_space = gym.spaces.Discrete(len(self.action_names))
         self.observation_space = observation_space(len(self.action_names))
         self._image_features: dict[str, np.ndarray] = {}
-        self._mask_features: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+        self._memo: dict[tuple[str, str, tuple[str, ...]], Any] = {}
         self._sample: Sample | None = None
         self._state: MaskState | None = None
 
@@ -124,7 +128,7 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         self._state = self._initial_state(self._sample, options)
         self._steps = 0
         self._last_action: int | None = None
-        evaluation = self.objective.evaluate(self._sample, self._state.mask)
+        evaluation = self._evaluate(self._sample, self._state)
         self._value = self._best = evaluation.value
         return self._observation(), self._info("reset", evaluation.info)
 
@@ -135,7 +139,7 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         self._state, stopped, extra = self._transition(index)
         self._steps += 1
         self._last_action = index
-        evaluation = self.objective.evaluate(self.sample, self._state.mask)
+        evaluation = self._evaluate(self.sample, self._state)
         reward = evaluation.value - self._value
         self._value = evaluation.value
         self._best = max(self._best, evaluation.value)
@@ -174,17 +178,31 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
         return np.concatenate([base, threshold, last])
 
     def _state_features(self, sample: Sample, state: MaskState) -> np.ndarray:
-        """``features.mask_features`` of ``state``, memoised by (image, origin) when the state
-        knows its origin (up to :data:`MAX_MEMO_STATES` states; then computed each time)."""
+        """``features.mask_features`` of ``state`` (memoised, see :meth:`_memoised`)."""
+        return self._memoised(
+            "features", sample, state, lambda: features.mask_features(state.mask, state.prob)
+        )
+
+    def _evaluate(self, sample: Sample, state: MaskState) -> Evaluation:
+        """The objective of ``state`` (memoised, see :meth:`_memoised`)."""
+        return self._memoised(
+            "objective", sample, state, lambda: self.objective.evaluate(sample, state.mask)
+        )
+
+    def _memoised(
+        self, kind: str, sample: Sample, state: MaskState, compute: Callable[[], _T]
+    ) -> _T:
+        """``compute()``, kept per (``kind``, image, ``state.origin``) when the state knows its
+        origin (up to :data:`MAX_MEMO_STATES` entries)."""
         if state.origin is None:
-            return features.mask_features(state.mask, state.prob)
-        key = (sample.id, state.origin)
-        found = self._mask_features.get(key)
-        if found is None:
-            found = features.mask_features(state.mask, state.prob)
-            if len(self._mask_features) < MAX_MEMO_STATES:
-                self._mask_features[key] = found
-        return found
+            return compute()
+        key = (kind, sample.id, state.origin)
+        if key in self._memo:
+            return self._memo[key]
+        value = compute()
+        if len(self._memo) < MAX_MEMO_STATES:
+            self._memo[key] = value
+        return value
 
     def _info(self, action: str, extra: dict[str, Any]) -> dict[str, Any]:
         return {

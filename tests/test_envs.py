@@ -223,29 +223,30 @@ def test_segmenter_calls_per_episode() -> None:
     assert seg.calls == 4  # the default prompt at reset, then one per step
 
 
-def test_memoised_observations_equal_fresh_ones() -> None:
-    # Mask features are memoised per (image, origin); every observation must still be what
-    # envs.features computes from the state itself, in every env, over many random episodes.
+def test_memoised_observations_and_rewards_equal_fresh_ones() -> None:
+    # Mask features and the objective are memoised per (image, origin); every observation and
+    # objective must still be what a fresh computation on the state gives, in every env, over
+    # many random episodes that revisit states.
     from envs import features
 
     for env in _all_envs():
         rng = np.random.default_rng(0)
+        inner = env.unwrapped
         for episode in range(40):
-            obs, _ = env.reset(seed=episode)
+            obs, info = env.reset(seed=episode)
             done = False
             while True:
-                state, sample = env.unwrapped.state, env.unwrapped.sample
+                state, sample = inner.state, inner.sample
                 fresh = features.mask_features(state.mask, state.prob)
                 n_img = features.IMAGE_FEATURE_DIM
                 np.testing.assert_array_equal(obs[n_img : n_img + len(fresh)], fresh)
+                assert info["objective"] == inner.objective.evaluate(sample, state.mask).value
                 assert state.origin is not None and state.origin[0] in PROMPTS
-                assert sample.id in {s.id for s in env.unwrapped.samples}
                 if done:
                     break
-                action = int(rng.integers(env.action_space.n))
-                obs, _, done, _, _ = env.step(action)
-        # States were revisited: the memo holds fewer states than observations were made.
-        assert 0 < len(env.unwrapped._mask_features) < 40 * (env.unwrapped.max_steps + 1)
+                obs, _, done, _, info = env.step(int(rng.integers(env.action_space.n)))
+        # States were revisited: the memo holds fewer entries than states were visited.
+        assert 0 < len(inner._memo) < 2 * 40 * (inner.max_steps + 1)
 
 
 def test_state_origin_records_prompt_and_ops() -> None:
