@@ -23,7 +23,7 @@ from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
-from models.reward_net import RewardScorer
+from models.reward_net import MaskScorer
 from models.segmentation import Segmenter
 
 
@@ -79,15 +79,16 @@ class PromptSelectionEnv(SegmentationEnv):
 class RewardGuidedPromptEnv(PromptSelectionEnv):
     """Experiment 3, step 2: experiment 1's actions, rewarded by the reward network's score.
 
-    ``reward_net`` is the loaded :class:`~models.reward_net.RewardScorer` (the orchestrator
-    loads the run's checkpoint and checks that it was made for this backend and split). Images
+    ``reward_net`` scores masks (:class:`~models.reward_net.MaskScorer`: a loaded
+    :class:`~models.reward_net.RewardScorer`, or the orchestrator's stand-in that loads the run's
+    checkpoint on first use and checks that it was made for this backend and split). Images
     without ground truth are fine; where ground truth exists it is only reported in ``info``.
     """
 
     def __init__(
         self,
         *,
-        reward_net: RewardScorer,
+        reward_net: MaskScorer,
         recall_weight: float = 0.0,
         **prompt_env_kwargs: Any,
     ) -> None:

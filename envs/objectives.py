@@ -9,6 +9,9 @@ numbers come from:
 - :class:`RewardNetObjective` asks the reward network, which never sees ground truth
   (experiment 3), so it runs on unlabelled data. Ground truth, where it exists, is only reported
   in ``info`` for reference.
+
+:class:`NoObjective` scores nothing, for rollouts that only collect observations (the
+observation statistics: what an env observes never depends on its objective).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from envs.sample import Sample
 from models.errors import UserError
 from models.metrics import mask_metrics
-from models.reward_net import RewardScorer
+from models.reward_net import MaskScorer
 
 
 class Evaluation(NamedTuple):
@@ -80,7 +83,7 @@ class RewardNetObjective:
 
     needs_ground_truth = False
 
-    def __init__(self, scorer: RewardScorer, recall_weight: float = 0.0) -> None:
+    def __init__(self, scorer: MaskScorer, recall_weight: float = 0.0) -> None:
         self.scorer = scorer
         self.recall_weight = _check_weight(recall_weight)
 
@@ -89,3 +92,12 @@ class RewardNetObjective:
         value = blend(predicted.dice, predicted.recall, self.recall_weight)
         info: dict[str, Any] = {"reward_net_score": value, **ground_truth_info(sample, mask)}
         return Evaluation(value, info)
+
+
+class NoObjective:
+    """Every mask scores 0 and ``info`` stays empty: no ground truth, no reward network."""
+
+    needs_ground_truth = False
+
+    def evaluate(self, sample: Sample, mask: np.ndarray) -> Evaluation:
+        return Evaluation(0.0, {})

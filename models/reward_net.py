@@ -29,7 +29,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import cv2
 import numpy as np
@@ -300,6 +300,13 @@ def save_checkpoint(path: str | Path, model: RewardNet, metadata: dict[str, Any]
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class MaskScorer(Protocol):
+    """What scores a mask of an image without ground truth (a :class:`RewardScorer`, or a
+    stand-in that loads one on first use)."""
+
+    def score(self, image: np.ndarray, mask: np.ndarray) -> RewardPrediction: ...
 
 
 class RewardScorer:

@@ -25,15 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import numpy as np
 
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
 from envs.normalisation import NormalisedObservation, ObservationStats
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from envs.sources import DataRef, load_split
-from models.reward_net import RewardScorer, load_checkpoint
+from models.reward_net import MaskScorer, RewardPrediction, RewardScorer, load_checkpoint
 from orchestrator.config import RunConfig, config_to_dict, parse_config
 from orchestrator.run_dir import RunPaths
+from orchestrator.training.reward_net_status import wait_for_reward_net
 
 if TYPE_CHECKING:
     from models.segmentation import Segmenter
@@ -197,7 +199,7 @@ def build_env(
     config: RunConfig,
     samples: Sequence[Sample],
     segmenter: Segmenter,
-    reward_scorer: RewardScorer | None = None,
+    reward_scorer: MaskScorer | None = None,
 ) -> SegmentationEnv:
     """The trial's environment over ``samples`` and ``segmenter`` with the config's settings
     (``reward_scorer``: the run's reward net, for a trial that needs one)."""
@@ -218,12 +220,35 @@ def run_reward_scorer(spec: TrialSpec) -> RewardScorer:
     )
 
 
+class RunRewardNet:
+    """The run's reward net, loaded when it first scores a mask: an env of the reward-guided
+    trial can be built (and its observation statistics fitted) while step 1 still trains.
+
+    The first :meth:`score` waits for the reward-net trial to be READY (it raises at once, with
+    the reason, when that trial FAILED) and loads the checkpoint (:func:`run_reward_scorer`).
+    """
+
+    def __init__(self, spec: TrialSpec) -> None:
+        self.spec = spec
+        self._scorer: RewardScorer | None = None
+
+    def load(self) -> RewardScorer:
+        if self._scorer is None:
+            wait_for_reward_net(self.spec.paths)
+            self._scorer = run_reward_scorer(self.spec)
+        return self._scorer
+
+    def score(self, image: np.ndarray, mask: np.ndarray) -> RewardPrediction:
+        return self.load().score(image, mask)
+
+
 def trial_env(
     spec: TrialSpec, segmenter: Segmenter, split: str, max_images: int | None
 ) -> SegmentationEnv:
-    """The environment of ``spec`` on ``split`` of the run's data (loaded once per process)."""
+    """The environment of ``spec`` on ``split`` of the run's data (loaded once per process);
+    a trial that needs the reward net gets :class:`RunRewardNet` (loaded on first use)."""
     samples = load_split(spec.data, split, max_images)
-    scorer = run_reward_scorer(spec) if spec.trial.needs_reward_net else None
+    scorer = RunRewardNet(spec) if spec.trial.needs_reward_net else None
     return build_env(spec.trial, spec.run, samples, segmenter, scorer)
 
 

@@ -26,6 +26,7 @@ from ray.tune.registry import register_env
 from tensorboardX import SummaryWriter
 
 from envs.normalisation import ObservationStats, fit_stats
+from envs.objectives import NoObjective
 from orchestrator import metric_keys as mk
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.statistics import summarise
@@ -38,6 +39,7 @@ from orchestrator.training.ppo import (
     flatten_result,
 )
 from orchestrator.training.progress_metrics import export_progress
+from orchestrator.training.reward_net_status import wait_for_reward_net
 
 if TYPE_CHECKING:
     from orchestrator.inference.client import SegmentationClient
@@ -119,6 +121,9 @@ def train_ppo(
     writer = tensorboard_writer(sink.trial_dir)
     steps, metrics = 0.0, {}
     try:
+        if spec.trial.needs_reward_net:
+            # Built and normalised while step 1 trained; the first reward needs its network.
+            wait_for_reward_net(spec.paths)
         while steps < run.ppo.total_env_steps:
             metrics = flatten_result(algo.train())
             metrics.update(inference_metrics(client))
@@ -147,7 +152,10 @@ def observation_stats(
     """The trial's fixed observation normalisation (``None`` with
     ``ppo.normalize_observations: false``): the checkpoint's when resuming, else the mean/std of
     ``ppo.normalization_steps`` random-policy steps on the training images (seeded by
-    ``ppo.seed``; observations only, no ground truth)."""
+    ``ppo.seed``). Observations only: the env's objective is replaced by
+    :class:`~envs.objectives.NoObjective` (what an env observes never depends on it), so neither
+    ground truth nor the reward net is touched, and the reward-guided trial fits its statistics
+    while the reward net still trains."""
     ppo = spec.run.ppo
     if not ppo.normalize_observations:
         return None
@@ -156,6 +164,7 @@ def observation_stats(
             json.loads((checkpoint / OBSERVATION_STATS_FILE).read_text())
         )
     env = trial_env(spec, client, "train", spec.run.data.max_train_images)
+    env.objective = NoObjective()
     return fit_stats(env, ppo.normalization_steps, seed=ppo.seed)
 
 

@@ -22,7 +22,6 @@ from orchestrator.inference.client import SegmentationClient
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
-from orchestrator.training.reward_net_status import wait_for_reward_net
 
 
 class TuneSink:
@@ -54,7 +53,5 @@ def run_trial(param: dict[str, Any]) -> None:
     if spec.trial.trains_reward_net:
         train_run_reward_net(spec, client, TuneSink())
         return
-    if spec.trial.needs_reward_net:
-        wait_for_reward_net(spec.paths)
     yield_to_reward_chain(spec.trial, spec.run)
     train_ppo(spec, client, TuneSink())
