@@ -36,6 +36,16 @@ def _check_prompts(prompts: Sequence[str], default_prompt: str) -> tuple[str, ..
     return prompts
 
 
+def prompt_state(segmenter: Segmenter, sample: Sample, prompt: str) -> MaskState:
+    """The (deferred) state of ``prompt``'s segmentation of ``sample``: the segmenter is asked
+    only when the mask is first needed, which a revisit the env has memoised never does."""
+
+    def segment() -> MaskState:
+        return MaskState.from_segmentation(segmenter.segment(sample.image, prompt), prompt=prompt)
+
+    return MaskState.deferred((prompt,), segment)
+
+
 class PromptSelectionEnv(SegmentationEnv):
     """Experiment 1: pick a prompt per step; start from the default prompt's mask.
 
@@ -65,15 +75,11 @@ class PromptSelectionEnv(SegmentationEnv):
         )
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
-        prompt = self.default_prompt
-        return MaskState.from_segmentation(
-            self.segmenter.segment(sample.image, prompt), prompt=prompt
-        )
+        return prompt_state(self.segmenter, sample, self.default_prompt)
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         prompt = self.prompts[action]
-        segmentation = self.segmenter.segment(self.sample.image, prompt)
-        return MaskState.from_segmentation(segmentation, prompt=prompt), False, {"prompt": prompt}
+        return prompt_state(self.segmenter, self.sample, prompt), False, {"prompt": prompt}
 
 
 class RewardGuidedPromptEnv(PromptSelectionEnv):
@@ -134,10 +140,7 @@ class PostProcessEnv(SegmentationEnv):
         )
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
-        prompt = options.get("base_prompt", self.base_prompt)
-        return MaskState.from_segmentation(
-            self.segmenter.segment(sample.image, prompt), prompt=prompt
-        )
+        return prompt_state(self.segmenter, sample, options.get("base_prompt", self.base_prompt))
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         name = self.ops_config.ops[action]

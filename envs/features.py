@@ -125,7 +125,7 @@ def observation_space() -> gym.spaces.Box:
 
 def observation(
     image: np.ndarray,
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     prob: np.ndarray | None,
     step: int,
     max_steps: int,
@@ -136,7 +136,7 @@ def observation(
 
     Args:
         image: uint8 HxWx3 RGB (or HxW grey); ignored when ``image_feats`` is given.
-        mask: bool HxW, the current mask.
+        mask: bool HxW, the current mask (``None`` only with ``mask_feats``).
         prob: float32 HxW soft mask in [0, 1], or ``None``.
         step: steps taken so far in the episode, 0..max_steps.
         max_steps: episode length limit, >= 1.
@@ -149,7 +149,11 @@ def observation(
     img = image_features(image) if image_feats is None else image_feats
     if img.shape != (IMAGE_FEATURE_DIM,):
         raise ValueError(f"image_feats must have shape ({IMAGE_FEATURE_DIM},), got {img.shape}")
-    msk = mask_features(mask, prob) if mask_feats is None else mask_feats
+    if mask_feats is None:
+        if mask is None:
+            raise ValueError("observation needs the mask or its mask_feats")
+        mask_feats = mask_features(mask, prob)
+    msk = mask_feats
     if msk.shape != (MASK_FEATURE_DIM,):
         raise ValueError(f"mask_feats must have shape ({MASK_FEATURE_DIM},), got {msk.shape}")
     progress = np.array([step / max_steps], dtype=np.float32)

@@ -28,7 +28,6 @@ Rules a caller can rely on:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,9 +61,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, eq=False)
 class MaskState:
-    """The mask being post-processed.
+    """The mask being post-processed (immutable).
 
     Attributes:
         mask: bool HxW, the current hard mask.
@@ -75,17 +73,40 @@ class MaskState:
             every op applied since (:func:`apply_op` extends it). Within one environment (one
             segmenter, one op config) equal origins on one image mean equal states, so derived
             values such as the observation can be memoised by it; ``None``: unknown.
+
+    A state can be *deferred* (:meth:`deferred`): known by its origin, built by a function the
+    first time its ``mask`` or ``prob`` is read. An environment that has memoised what it needs
+    of a revisited state never builds it (a prompt's state: no segmentation request at all).
     """
 
-    mask: np.ndarray
-    prob: np.ndarray | None
-    threshold: float = 0.5
-    origin: tuple[str, ...] | None = None
+    __slots__ = ("_build", "_mask", "_prob", "_threshold", "origin")
 
-    def __post_init__(self) -> None:
-        check_mask_and_prob(self.mask, self.prob)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+    def __init__(
+        self,
+        mask: np.ndarray,
+        prob: np.ndarray | None,
+        threshold: float = 0.5,
+        origin: tuple[str, ...] | None = None,
+    ) -> None:
+        check_mask_and_prob(mask, prob)
+        self._mask: np.ndarray | None = mask
+        self._prob = prob
+        self._threshold = _checked_threshold(threshold)
+        self.origin = origin
+        self._build: Callable[[], MaskState] | None = None
+
+    @classmethod
+    def deferred(
+        cls, origin: tuple[str, ...], build: Callable[[], MaskState], threshold: float = 0.5
+    ) -> MaskState:
+        """The state of ``origin``, built by ``build()`` when first read (which must give a
+        state of the same origin and threshold)."""
+        state = cls.__new__(cls)
+        state._mask = state._prob = None
+        state._threshold = _checked_threshold(threshold)
+        state.origin = origin
+        state._build = build
+        return state
 
     @classmethod
     def from_segmentation(
@@ -96,6 +117,26 @@ class MaskState:
         origin = None if prompt is None else (prompt,)
         return cls(mask=seg.mask, prob=seg.prob, threshold=threshold, origin=origin)
 
+    @property
+    def mask(self) -> np.ndarray:
+        self._ensure_built()
+        assert self._mask is not None
+        return self._mask
+
+    @property
+    def prob(self) -> np.ndarray | None:
+        self._ensure_built()
+        return self._prob
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def is_built(self) -> bool:
+        """Whether the arrays exist (always, unless the state is deferred and unread)."""
+        return self._build is None
+
     def derived(self, op: str, mask: np.ndarray, threshold: float | None = None) -> MaskState:
         """The state ``op`` turned this one into (same soft mask; ``origin`` extended)."""
         return MaskState(
@@ -104,6 +145,23 @@ class MaskState:
             threshold=self.threshold if threshold is None else threshold,
             origin=None if self.origin is None else (*self.origin, op),
         )
+
+    def _ensure_built(self) -> None:
+        if self._build is None:
+            return
+        built = self._build()
+        if built.origin != self.origin or built.threshold != self._threshold:
+            raise ValueError(
+                f"a deferred state of origin {self.origin} and threshold {self._threshold} was "
+                f"built as origin {built.origin} and threshold {built.threshold}"
+            )
+        self._mask, self._prob, self._build = built.mask, built.prob, None
+
+
+def _checked_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return threshold
 
 
 def op_available(name: str, state: MaskState) -> bool:

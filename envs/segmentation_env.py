@@ -164,8 +164,8 @@ class SegmentationEnv(gym.Env[np.ndarray, np.int64]):
             self._image_features[sample.id] = features.image_features(sample.image)
         base = features.observation(
             sample.image,
-            state.mask,
-            state.prob,
+            None,  # the memoised mask features stand in for the mask
+            None,
             self._steps,
             self.max_steps,
             image_feats=self._image_features[sample.id],

@@ -406,7 +406,10 @@ def load_checkpoint(
         raise _mismatch(path, "manifest_hash", metadata.get("manifest_hash"), manifest_hash)
     try:
         int(metadata["input_size"])
-        model = RewardNet(int(metadata.get("width", DEFAULT_WIDTH)))
+        # The random initialisation is overwritten at once: it must not move torch's global
+        # RNG, or a trial that loads the net after RLlib seeded it would sample differently.
+        with torch.random.fork_rng(devices=[]):
+            model = RewardNet(int(metadata.get("width", DEFAULT_WIDTH)))
         model.load_state_dict(state_dict)
     except Exception as err:
         raise UserError(

@@ -214,13 +214,21 @@ def test_reset_options_pick_an_image() -> None:
         env.reset(options={"image_id": "nope.png"})
 
 
-def test_segmenter_calls_per_episode() -> None:
+def test_segmenter_is_asked_once_per_distinct_state() -> None:
     seg = DarknessSegmenter()
-    env = _prompt_env(segmenter=seg)
-    env.reset(seed=0)
-    for action in (0, 1, 2):
+    env = _prompt_env(segmenter=seg, max_steps=5)
+    env.reset(seed=0, options={"index": 0})
+    for action in (0, 1, 2):  # action 0 is the default prompt: the reset's state again
         env.step(action)
-    assert seg.calls == 4  # the default prompt at reset, then one per step
+    assert seg.calls == 3  # default (reset), prompts 1 and 2; the revisit costs nothing
+    env.reset(options={"index": 0})
+    env.step(2)
+    env.step(1)
+    assert seg.calls == 3  # every state of image 0 is known: no request at all
+    env.reset(options={"index": 1})
+    assert seg.calls == 4  # a new image
+    assert env.unwrapped.state.mask.shape == (48, 48)  # the mask is there when read
+    assert seg.calls == 4
 
 
 def test_memoised_observations_and_rewards_equal_fresh_ones() -> None:

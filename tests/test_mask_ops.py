@@ -467,3 +467,27 @@ def test_every_known_op_is_pure_and_handles_missing_prob() -> None:
         np.testing.assert_array_equal(state.mask, before, err_msg=name)
         no_prob = MaskState(before, None)
         assert (apply_op(name, no_prob, CFG) is no_prob) == (name in (*PROB_OPS, "stop"))
+
+
+def test_deferred_state_is_built_once_on_first_read() -> None:
+    built = []
+    prob = np.tile((np.arange(10, dtype=np.float32) + 0.5) / 10, (4, 1))
+
+    def build() -> MaskState:
+        built.append(1)
+        return MaskState(prob > 0.5, prob, origin=("p",))
+
+    state = MaskState.deferred(("p",), build)
+    assert state.origin == ("p",) and state.threshold == 0.5 and not state.is_built
+    assert built == []  # origin and threshold are known without building
+    assert state.mask.sum() == 20 and state.prob is prob and state.is_built
+    assert apply_op("dilate", state, CFG).origin == ("p", "dilate")
+    assert built == [1]
+
+
+def test_deferred_state_refuses_a_build_of_another_state() -> None:
+    wrong = MaskState.deferred(
+        ("p",), lambda: MaskState(np.zeros((2, 2), bool), None, origin=("q",))
+    )
+    with pytest.raises(ValueError, match=r"origin \('p',\).*built as origin \('q',\)"):
+        _ = wrong.mask

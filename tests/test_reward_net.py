@@ -159,6 +159,17 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path: Path) -> Non
         assert torch.equal(loaded.model(x), model.eval()(x))
 
 
+def test_loading_a_checkpoint_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    # A PPO trial loads the run's reward net after RLlib seeded torch: building the network
+    # must not draw from the global generator, or the trial would sample other actions.
+    _, path = _trained(tmp_path)
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    load_checkpoint(path)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_missing_checkpoint_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=_says(f"not found: {tmp_path / 'none.pt'}")):
         load_checkpoint(tmp_path / "none.pt")
