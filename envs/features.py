@@ -22,6 +22,8 @@ import gymnasium as gym
 import numpy as np
 from skimage.morphology import skeletonize
 
+from envs.morphology import component_areas
+
 IMAGE_FEATURE_SIZE = 256
 """Longer side (px) images are downscaled to before computing image features."""
 LOCAL_WINDOW = 7
@@ -188,8 +190,9 @@ def mask_features(mask: np.ndarray, prob: np.ndarray | None) -> np.ndarray:
         raise ValueError(f"prob shape {prob.shape} differs from mask shape {mask.shape}")
     h, w = mask.shape
     area = int(np.count_nonzero(mask))
-    n, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    largest = int(stats[1:, cv2.CC_STAT_AREA].max()) if n > 1 else 0
+    _, areas = component_areas(mask, connectivity=8)
+    n = len(areas)
+    largest = int(areas[1:].max()) if n > 1 else 0
     # skimage's skeletonize needs a writable buffer; masks from Ray are read-only.
     skeleton_px = int(np.count_nonzero(skeletonize(mask.copy()))) if area else 0
     inside = outside = 0.0

@@ -12,6 +12,14 @@ import numpy as np
 from envs.mask_ops_config import KERNEL_SHAPES, MaskOpsConfig
 
 
+def component_areas(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The connected components of ``mask`` (bool HxW): labels (0: background) and the area of
+    every label. As ``cv2.connectedComponentsWithStats``'s labels and areas, at a fraction of
+    its cost (its other statistics are what make it slow)."""
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=connectivity)
+    return labels, np.bincount(labels.ravel(), minlength=n)
+
+
 def _kernel(config: MaskOpsConfig, size: int) -> np.ndarray:
     return cv2.getStructuringElement(KERNEL_SHAPES[config.kernel_shape], (size, size))
 
@@ -49,11 +57,11 @@ def fill_holes(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
     Background is 4-connected (the dual of the mask's 8-connectivity), so a diagonal gap in a
     vessel wall does not make its inside count as enclosed.
     """
-    _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    labels, areas = component_areas(~mask, connectivity=4)
     border = np.unique(
         np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     )  # regions touching the image border are not enclosed
-    small = stats[:, cv2.CC_STAT_AREA] <= config.fill_holes_max_area
+    small = areas <= config.fill_holes_max_area
     small[0] = False  # label 0 is the mask itself
     small[border] = False
     if not small.any():
@@ -63,8 +71,8 @@ def fill_holes(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
 
 def remove_small(mask: np.ndarray, config: MaskOpsConfig) -> np.ndarray:
     """Drop 8-connected components with fewer than ``config.min_component_area`` px."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= config.min_component_area
+    labels, areas = component_areas(mask, connectivity=8)
+    keep = areas >= config.min_component_area
     keep[0] = False
     return keep[labels]
 
