@@ -300,9 +300,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
     )
 
 
-def warm_up(
-    client: SegmentationClient, config: RunConfig, prepared: PreparedData, paths: RunPaths
-) -> int:
+def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedData) -> int:
     """Segment every (image, prompt) pair the run will need once, with a progress bar, so the
     trials start on a warm cache. Returns the number of images."""
     from tqdm import tqdm
@@ -363,7 +361,7 @@ def run(options: RunOptions) -> int:
             client = SegmentationClient(workers)
             print(f"  workers {workers}, backend {client.backend_id}")
         with clock.stage("warmup", "cache warm-up"):
-            warm_up(client, config, prepared, paths)
+            warm_up(client, config, prepared)
         with clock.stage("tune", "Tune: experiments as concurrent trials"):
             from orchestrator.evaluation.references import start_reference_evaluation
 
