@@ -4,12 +4,9 @@ A :class:`WorkerTransport` is four calls (``serve``: cached answers, computing t
 ``stats``; ``backend_id``; ``name``) with two implementations:
 
 - :class:`RayTransport`: a named Ray actor (``inference.pool`` starts them), resolved lazily in
-  whichever process uses it, picklable (it travels in env configs to Tune trials). A request
-  first asks for the cached answers by digest (``lookup``: no pixels travel); only when some are
-  missing does the image go to the object store (``ray.put``) for a second call that computes
-  them. Hits, by far the most requests once the cache is warm, cost no image transfer; a cold
-  miss costs one extra round trip, which is small next to its forward pass (and the warm-up
-  asks for all prompts of an image at once).
+  whichever process uses it, picklable (it travels in env configs to Tune trials). The image
+  goes to the object store once (``ray.put``) and only its reference travels with the call: a
+  worker with every answer cached never fetches it, a cold miss costs one round trip.
 - :class:`InProcessTransport`: a :class:`~orchestrator.inference.worker.SegmentationWorker`
   object in this process (``sa2va-rl train --local``, tests): no Ray at all.
 
@@ -143,14 +140,11 @@ class RayTransport:
     def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
         import ray
 
-        hw = image_shape(image)
-        found: list[Segmentation | None] = self._call("lookup", digest, hw, list(prompts))
-        missing = [p for p, seg in zip(prompts, found, strict=True) if seg is None]
-        if not missing:
-            return [seg for seg in found if seg is not None]
         source = RemoteImage([ray.put(image)])
-        computed = iter(self._call("serve", digest, hw, missing, source))
-        return [next(computed) if seg is None else seg for seg in found]
+        result: list[Segmentation] = self._call(
+            "serve", digest, image_shape(image), list(prompts), source
+        )
+        return result
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("stats")
