@@ -1,7 +1,7 @@
-"""``python -m orchestrator`` is the ``sa2va-rl`` command."""
+"""``python -m orchestrator <command>``: the same as the ``sa2va-rl`` console script."""
 
 import sys
 
 from orchestrator.cli import main
 
-sys.exit(main())
+sys.exit(main(sys.argv[1:]))
