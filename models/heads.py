@@ -1,0 +1,81 @@
+"""Frozen features and a trainable mask head: the contract reward-guided fine-tuning runs on.
+
+A backend that can be fine-tuned splits its forward pass in two:
+
+- :meth:`HeadBackend.frozen_inputs`: everything that does not change while the head trains (for
+  Sa2VA: SAM2's image features and the ``[SEG]`` hidden state of each prompt; for Frangi: the image
+  and the preset's vesselness responses), computed once per (image, prompt) with no gradient, as
+  detached CPU tensors a cache or a Ray object can hold;
+- a :class:`MaskHead` (a ``torch.nn.Module``) that maps one :class:`FrozenInputs` to mask
+  **logits** at the image's size, differentiable in the head's parameters (for Sa2VA:
+  ``text_hidden_fcs`` + SAM2's ``sam_mask_decoder``, as upstream fine-tunes them; for Frangi: a
+  small CNN).
+
+At initialisation ``sigmoid(head(inputs))`` is the backend's own soft mask for that (image,
+prompt), so fine-tuning starts exactly at the baseline. :meth:`HeadBackend.export` writes a model
+that the backend (and, for Sa2VA, upstream ``AutoModel.from_pretrained``) loads like any other
+checkpoint, with its own backend id.
+
+Nothing here imports Ray; the orchestrator decides where features are computed and where the
+head trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class FrozenInputs:
+    """What a head needs for one (image, prompt), computed once with no gradient.
+
+    Attributes:
+        prompt: the prompt the inputs were computed for.
+        size: the image's (height, width); the head's logits have this shape.
+        tensors: named, detached CPU tensors (the backend documents the names).
+        meta: small plain-data facts (e.g. ``{"seg_tokens": 1}``); JSON-serialisable.
+    """
+
+    prompt: str
+    size: tuple[int, int]
+    tensors: Mapping[str, torch.Tensor]
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class MaskHead(Protocol):
+    """A trainable head: ``head(inputs)`` -> float32 logits of shape ``inputs.size``."""
+
+    def __call__(self, inputs: FrozenInputs) -> torch.Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@runtime_checkable
+class HeadBackend(Protocol):
+    """A segmentation backend that can be fine-tuned through a head."""
+
+    @property
+    def backend_id(self) -> str: ...
+
+    def frozen_inputs(self, image: np.ndarray, prompts: Sequence[str]) -> list[FrozenInputs]:
+        """The frozen inputs of ``image`` (uint8 HxWx3 RGB) for each prompt, in order; image-only
+        work is done once for all prompts."""
+        ...
+
+    def initial_head(self) -> MaskHead:
+        """A fresh head whose soft mask equals the backend's own (fine-tuning's start)."""
+        ...
+
+    def export(self, head: MaskHead, folder: Path, provenance: Mapping[str, Any]) -> Path:
+        """Write a model with ``head``'s weights to ``folder`` (with ``provenance.json``) that
+        ``--model-path`` / ``backend.model_path`` accepts; returns the folder."""
+        ...
