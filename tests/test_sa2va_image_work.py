@@ -136,28 +136,36 @@ def test_inside_one_block_other_inputs_recompute_and_equal_ones_reuse(
 
 
 @pytest.mark.parametrize("variant", ["v2", "qwen"])
-def test_session_exposes_seg_hidden_states_and_sam2_features(
+def test_trace_gives_the_answers_seg_hidden_states_and_sam2_features(
     segmenters: dict[str, Sa2VASegmenter], variant: str
 ) -> None:
     seg = segmenters[variant]
-    with torch.inference_mode(), seg.image_work.shared() as session:
-        seg.model.predict_forward(**call_kwargs(seg, TWO_SEG_PROMPT))
-        seg.model.predict_forward(**call_kwargs(seg, NO_SEG_PROMPT))
-        seg.model.predict_forward(**call_kwargs(seg, PROMPT))
-        kept = session.kept("sam2")
-    assert [tuple(h.shape) for h in session.seg_hidden_states] == [(2, 8), (0, 8), (1, 8)]
-    assert all(h.is_inference() and not h.requires_grad for h in session.seg_hidden_states)
-    assert kept is not None and tuple(kept[2]["backbone_fpn"][0].shape) == (1, 3, 256, 256)
+    prompts = [TWO_SEG_PROMPT, NO_SEG_PROMPT, PROMPT]
+    trace = seg.trace_prompts(stripe_image(), prompts)
+    assert_same(trace.results, seg.segment_prompts(stripe_image(), prompts))
+    assert [tuple(h.shape) for h in trace.seg_hidden_states] == [(2, 8), (0, 8), (1, 8)]
+    # The PROMPT's [SEG] state is the TWO_SEG prompt's first one only if the prompts match: not.
+    assert not torch.equal(trace.seg_hidden_states[2][0], trace.seg_hidden_states[0][0])
+    assert trace.sam2_input is not None and tuple(trace.sam2_input.shape) == (1, 3, 1024, 1024)
+    tensors = [*trace.seg_hidden_states, trace.sam2_input, trace.sam2_features["backbone_fpn"][0]]
+    assert all(t.device.type == "cpu" and not t.is_inference() for t in tensors)
+    # The features are SAM2's image encoder's output for that input, recomputed here.
+    with torch.no_grad():
+        again = seg.model.grounding_encoder.sam2_model.forward_image(trace.sam2_input)
+    assert torch.equal(again["backbone_fpn"][0], trace.sam2_features["backbone_fpn"][0])
+    assert seg.trace_prompts(stripe_image(), [NO_SEG_PROMPT]).sam2_features is None
 
 
-def call_kwargs(seg: Sa2VASegmenter, prompt: str) -> dict[str, Any]:
-    from PIL import Image
-
-    kwargs = {"image": Image.fromarray(stripe_image()), "text": f"<image>{prompt}"}
-    kwargs["tokenizer"] = seg._tokenizer
-    if seg._processor is not None:
-        kwargs["processor"] = seg._processor
-    return kwargs
+def test_blocks_nest_and_the_outer_one_keeps_the_work(
+    segmenters: dict[str, Sa2VASegmenter],
+) -> None:
+    seg = segmenters["v2"]
+    with seg.image_work.shared() as session:
+        _, calls = calls_during(
+            seg, lambda: [seg.segment_prompts(stripe_image(), [p]) for p in (PROMPT, PROMPT)]
+        )
+        assert session.kept("sam2") is not None and len(session.seg_hidden_states) == 2
+    assert calls == {"vision": 1, "sam2": 1} and session.kept("sam2") is None
 
 
 def test_calls_run_under_inference_mode(segmenters: dict[str, Sa2VASegmenter]) -> None:

@@ -20,9 +20,12 @@ Contract:
   shared) instead of running again; other inputs run the original and replace what was kept.
   So the answers are those of the unshared path, bit for bit, whatever the prompts. On leaving
   the block everything kept is dropped (also on an exception).
+- Blocks nest: an inner ``shared()`` (e.g. the segmenter's, inside a caller's block) joins the
+  outer block's session, and only the outermost exit drops what was kept.
 - ``session.seg_hidden_states`` lists, per call of ``model.text_hidden_fcs`` in the block (one
-  per ``predict_forward`` that read out [SEG] tokens), its input: the last-layer hidden states
-  at the [SEG] positions, shape ``(n_seg, hidden)``, detached. ``session.kept("sam2")`` is the
+  per ``predict_forward`` on an image: upstream calls it even for an answer without [SEG], with
+  zero rows), its input: the last-layer hidden states at the [SEG] positions, shape
+  ``(n_seg, hidden)``, detached. ``session.kept("sam2")`` is the
   last ``(args, kwargs, output)`` of SAM2's image encoder (``None`` until one ran), e.g. the
   ``backbone_out`` dict a mask decoder needs.
 - Tensors seen inside ``torch.inference_mode()`` (as the segmenter runs) are inference tensors:
@@ -82,6 +85,9 @@ class ImageWork:
     @contextmanager
     def shared(self) -> Iterator[Session]:
         """Share image-only work between the calls in the block; dropped on exit."""
+        if self._session is not None:
+            yield self._session
+            return
         session = Session(_memos=self._memos)
         self._session = session
         for memo in self._memos.values():
