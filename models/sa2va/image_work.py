@@ -18,16 +18,18 @@ Contract:
   output); a call whose inputs are equal to the kept ones (same types, shapes, dtypes, devices
   and values, ``torch.equal``) returns the kept output (lists and dicts re-created, tensors
   shared) instead of running again; other inputs run the original and replace what was kept.
-  So the answers are those of the unshared path, bit for bit, whatever the prompts. On leaving
-  the block everything kept is dropped (also on an exception).
+  So the answers are those of the unshared path, whatever the prompts: bit for bit wherever
+  recomputing an encoder is deterministic (always on the CPU). On leaving the block everything
+  kept is dropped (also on an exception).
 - Blocks nest: an inner ``shared()`` (e.g. the segmenter's, inside a caller's block) joins the
   outer block's session, and only the outermost exit drops what was kept.
 - ``session.seg_hidden_states`` lists, per call of ``model.text_hidden_fcs`` in the block (one
   per ``predict_forward`` on an image: upstream calls it even for an answer without [SEG], with
   zero rows), its input: the last-layer hidden states at the [SEG] positions, shape
-  ``(n_seg, hidden)``, detached. ``session.kept("sam2")`` is the
-  last ``(args, kwargs, output)`` of SAM2's image encoder (``None`` until one ran), e.g. the
-  ``backbone_out`` dict a mask decoder needs.
+  ``(n_seg, hidden)``, detached. ``session.kept("sam2")`` is the last ``(args, kwargs,
+  output)`` of SAM2's image encoder (``None`` until one ran), e.g. the ``backbone_out`` dict a
+  mask decoder needs. ``Sa2VASegmenter.trace_prompts`` gives both per prompt, under the
+  segmenter's lock, as plain CPU copies.
 - Tensors seen inside ``torch.inference_mode()`` (as the segmenter runs) are inference tensors:
   ``.clone()`` one before it enters autograd, and copy what must outlive the model call.
 - ``counts()`` gives, per wrapped site, how many times the original ran and how many calls were
