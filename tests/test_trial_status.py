@@ -29,7 +29,7 @@ def _spec(name: str, root: Path, run_id: str, experiments: tuple[str, ...] = ())
     run = load_config(
         CONFIG_DIR / "smoke.yaml", {"experiments": list(experiments)} if experiments else None
     )
-    return TrialSpec(trial(name), run, str(root), run_id, (), "frangi", DataRef(str(root)))
+    return TrialSpec(trial(name), run, str(root), run_id, "frangi", DataRef(str(root)))
 
 
 def _wait_in_thread(spec: TrialSpec) -> tuple[threading.Thread, dict[str, str]]:
