@@ -8,6 +8,10 @@ right) a shift of the logits moves the mask's edge, so a training step visibly c
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -276,3 +280,23 @@ def test_recorded_decoder_call_replays_exactly_and_ignores_other_threads() -> No
     # Outside a recording the hooks are gone.
     predict(torch.rand(1, 4))
     assert recording.fcs_calls == 1 and not fcs._forward_hooks and not decoder._forward_pre_hooks
+
+
+def test_a_pickled_head_unpickles_in_a_fresh_process(
+    trained: tuple[Sa2VAHead, list[FrozenInputs]], tmp_path: Path
+) -> None:
+    # A Ray trial receives the head from a worker: its remote-code classes must be importable.
+    head, inputs = trained
+    (tmp_path / "head.pkl").write_bytes(pickle.dumps((head, inputs[0])))
+    script = (
+        "import pickle, sys, torch; "
+        "head, x = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "assert type(head.sam_mask_decoder).__module__.startswith('transformers_modules.'); "
+        "torch.save(head(x).detach(), sys.argv[2])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    args = [sys.executable, "-c", script, str(tmp_path / "head.pkl"), str(tmp_path / "out.pt")]
+    subprocess.run(args, check=True, env=env, cwd=tmp_path, timeout=300)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), head(inputs[0]))

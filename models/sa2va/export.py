@@ -28,9 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.errors import UserError
-from models.sa2va.head import Sa2VAHead
+from models.sa2va.head import Sa2VAHead, model_folder
 from models.sa2va.segmenter import Sa2VASegmenter
-from models.sa2va.source import ModelSource, folder_digest, model_files
+from models.sa2va.source import folder_digest, model_files
 
 PROVENANCE = "provenance.json"
 SINGLE_FILE = "model.safetensors"
@@ -56,7 +56,7 @@ def export_head(
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"export folder '{folder}' exists and is not empty; choose a new folder")
     training = json.loads(json.dumps(dict(provenance)))  # fails early on non-JSON values
-    source_folder = _source_folder(base.source)
+    source_folder = model_folder(base.source)
     shards = _shards(source_folder)
     updates = _checkpoint_tensors(head)
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
@@ -87,14 +87,6 @@ def export_head(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
-
-
-def _source_folder(source: ModelSource) -> Path:
-    if source.is_local:
-        return Path(source.location)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source.location, revision=source.revision, local_files_only=True))
 
 
 def _shards(folder: Path) -> dict[str, list[str]]:

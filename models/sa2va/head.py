@@ -29,6 +29,11 @@ What a caller may rely on:
 - **No [SEG] token**: the logits are the constant :data:`NO_SEG_LOGIT` (sigmoid exactly 0, the
   backend's all-zero ``prob``) and do not depend on the head's parameters (no gradient); a
   trainer should skip such inputs (``meta["seg_tokens"] == 0``).
+- **Pickling** (Ray objects): the head's modules are instances of the checkpoint's remote-code
+  classes (``transformers_modules.<folder>...``), which a fresh process cannot import. A pickled
+  head therefore names the model folder and the model class; unpickling imports that folder's
+  remote code first (``get_class_from_dynamic_module``) when the classes are not importable yet,
+  so the folder must be readable where the head is unpickled (as it must be for the export).
 - **Precision**: the head computes in float32. On a bfloat16 model on CUDA the head's masks
   differ from the model's near the 0.5 boundary (checked: at most 1% of pixels); the export casts
   the trained weights back to the checkpoint's dtype.
@@ -37,6 +42,7 @@ What a caller may rely on:
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +58,7 @@ from models.sa2va.capture import FLAG_NO_SEG_TOKEN
 from models.sa2va.head_inputs import HeadInputRecorder, Recording, pack_decoder_call
 from models.sa2va.head_inputs import unpack_decoder_call as _decoder_kwargs
 from models.sa2va.segmenter import Sa2VASegmenter
+from models.sa2va.source import ModelSource
 
 SEG_HIDDEN = "seg_hidden"
 # sigmoid(-1e4) is exactly 0.0 in float32, and the value stays finite in losses.
@@ -68,8 +75,14 @@ class Sa2VAHead(nn.Module):
 
     Inputs (``FrozenInputs.tensors``): ``seg_hidden`` ``(tokens, hidden)``, the last-layer
     hidden state at each ``[SEG]`` token, and ``decoder.*``, SAM2's image-side decoder arguments
-    (absent without ``[SEG]``). Attributes ``checkpoint_prefixes`` map this module's state-dict
-    prefixes to the checkpoint's (what :mod:`models.sa2va.export` writes back).
+    (absent without ``[SEG]``).
+
+    Attributes:
+        checkpoint_prefixes: this module's state-dict prefixes -> the checkpoint's (what
+            :mod:`models.sa2va.export` writes back).
+        sam_size: side of SAM2's square input (its logits are upsampled to it first).
+        code: (model folder, ``"module.Class"`` of the model): where the modules' classes come
+            from, for unpickling in another process.
     """
 
     def __init__(
@@ -78,8 +91,10 @@ class Sa2VAHead(nn.Module):
         sam_mask_decoder: nn.Module,
         checkpoint_prefixes: Mapping[str, str],
         sam_size: int,
+        code: tuple[str, str],
     ) -> None:
         super().__init__()
+        self.code = code
         self.text_hidden_fcs = _trainable_copy(text_hidden_fcs)
         self.sam_mask_decoder = _trainable_copy(sam_mask_decoder)
         for name in _IMAGE_SIDE:
@@ -89,6 +104,10 @@ class Sa2VAHead(nn.Module):
         self.checkpoint_prefixes = dict(checkpoint_prefixes)
         self.sam_size = sam_size
         self.eval()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        modules = pickle.dumps((self.text_hidden_fcs, self.sam_mask_decoder))
+        return _unpickle_head, (modules, self.checkpoint_prefixes, self.sam_size, self.code)
 
     def train(self, mode: bool = True) -> Sa2VAHead:
         """The copied modules stay in eval mode: the head computes the same in both modes."""
@@ -174,12 +193,15 @@ class Sa2VAHeadBackend:
 
     def initial_head(self) -> Sa2VAHead:
         """Fresh float32 copies of the model's ``text_hidden_fcs`` and ``sam_mask_decoder``."""
-        names = {id(m): n for n, m in self._segmenter.model.named_modules()}
+        model = self._segmenter.model
+        names = {id(m): n for n, m in model.named_modules()}
         prefixes = {
             "text_hidden_fcs": names[id(self._fcs)],
             "sam_mask_decoder": names[id(self._decoder)],
         }
-        return Sa2VAHead(self._fcs, self._decoder, prefixes, self._sam_size)
+        model_class = f"{type(model).__module__.rpartition('.')[2]}.{type(model).__name__}"
+        code = (str(model_folder(self._segmenter.source)), model_class)
+        return Sa2VAHead(self._fcs, self._decoder, prefixes, self._sam_size, code)
 
     def export(self, head: Any, folder: Path, provenance: Mapping[str, Any]) -> Path:
         """A model folder with ``head``'s weights (see :func:`models.sa2va.export.export_head`)."""
@@ -200,6 +222,28 @@ class Sa2VAHeadBackend:
                 "model's code post-processes SAM2's logits in a way the head does not reproduce"
             )
         return {"mask_disagreement": share}
+
+
+def model_folder(source: ModelSource) -> Path:
+    """The local folder of a model source (for a Hub id: its cached snapshot)."""
+    if source.is_local:
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source.location, revision=source.revision, local_files_only=True))
+
+
+def _unpickle_head(
+    modules: bytes, prefixes: Mapping[str, str], sam_size: int, code: tuple[str, str]
+) -> Sa2VAHead:
+    try:
+        fcs, decoder = pickle.loads(modules)
+    except ModuleNotFoundError:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        get_class_from_dynamic_module(code[1], code[0], local_files_only=True)
+        fcs, decoder = pickle.loads(modules)
+    return Sa2VAHead(fcs, decoder, prefixes, sam_size, code)
 
 
 def _bilinear(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
