@@ -55,15 +55,20 @@ def check_source(source: ModelSource, device_type: str) -> gen.Checkpoint | None
 
 
 def load_model(
-    source: ModelSource, checkpoint: gen.Checkpoint | None, dtype: torch.dtype
+    source: ModelSource, checkpoint: gen.Checkpoint | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, Any]:
-    """``AutoModel``/``AutoTokenizer.from_pretrained`` (on the CPU; the caller moves the model),
-    with import/attribute/key errors from a transformers mismatch turned into a UserError."""
+    """``AutoModel``/``AutoTokenizer.from_pretrained``, with import/attribute/key errors from a
+    transformers mismatch turned into a UserError.
+
+    On CUDA the weights load straight onto ``device`` (``device_map={"": device}``, which needs
+    accelerate: the preflight requires it there), so workers sharing a host never hold a CPU
+    copy of the model; on the CPU they load where they are used."""
     from transformers import AutoModel, AutoTokenizer
 
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
         model = AutoModel.from_pretrained(
-            source.location, low_cpu_mem_usage=True, **{_dtype_kwarg(): dtype},
+            source.location, low_cpu_mem_usage=True, **{_dtype_kwarg(): dtype}, **placement,
             **source.load_kwargs(),
         )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(
