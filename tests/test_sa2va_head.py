@@ -86,7 +86,13 @@ def test_initial_head_is_the_backend_soft_mask_exactly(
         backend = Sa2VAHeadBackend(seg)
     assert isinstance(backend, HeadBackend)
     image = ramp_image()
+    before = backend.segmenter.image_work.counts()
     inputs = backend.frozen_inputs(image, PROMPTS)
+    after = backend.segmenter.image_work.counts()
+    # Image-only work ran once for the three prompts (and the three [SEG] tokens).
+    assert {s: after[s]["computed"] - before[s]["computed"] for s in after} == dict.fromkeys(
+        after, 1
+    )
     head = backend.initial_head()
     assert isinstance(head, MaskHead)
     for x in inputs:
@@ -245,41 +251,54 @@ class RealSignatureDecoder(torch.nn.Module):
         return masks, masks.mean(dim=(2, 3))
 
 
+class RealSignatureModel(torch.nn.Module):
+    """Calls ``text_hidden_fcs`` and the decoder per ``predict_forward`` as Sa2VA does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text_hidden_fcs = torch.nn.Linear(4, 3)
+        self.decoder = RealSignatureDecoder()
+        self.padding = torch.rand(1, 2, 3)
+        self.image = {
+            "image_embeddings": torch.rand(1, 3, 4, 4),
+            "image_pe": torch.rand(1, 3, 4, 4),
+            "dense_prompt_embeddings": torch.rand(1, 3, 1, 1).expand(1, 3, 4, 4),
+            "high_res_features": [torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4)],
+        }
+
+    def predict_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        language = self.text_hidden_fcs(hidden)
+        sparse = torch.cat([self.padding, language[:1, None]], dim=1)
+        return self.decoder(sparse_prompt_embeddings=sparse, multimask_output=True,
+                            repeat_image=False, **self.image)[0]  # fmt: skip
+
+
 def test_recorded_decoder_call_replays_exactly_and_ignores_other_threads() -> None:
-    fcs, decoder = torch.nn.Linear(4, 3), RealSignatureDecoder()
-    recorder = HeadInputRecorder(fcs, decoder)
-    image = {
-        "image_embeddings": torch.rand(1, 3, 4, 4),
-        "image_pe": torch.rand(1, 3, 4, 4),
-        "dense_prompt_embeddings": torch.rand(1, 3, 4, 4).expand(1, 3, 4, 4),
-        "high_res_features": [torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4)],
-    }
-    padding = torch.rand(1, 2, 3)
-
-    def predict(hidden: torch.Tensor) -> torch.Tensor:
-        language = fcs(hidden)
-        sparse = torch.cat([padding, language[:1, None]], dim=1)
-        return decoder(sparse_prompt_embeddings=sparse, multimask_output=True,
-                       repeat_image=False, **image)[0]  # fmt: skip
-
-    with torch.no_grad(), recorder.recording() as recording:
-        other = threading.Thread(target=predict, args=(torch.rand(5, 4),))
+    model = RealSignatureModel()
+    recorder = HeadInputRecorder(model, model.text_hidden_fcs, model.decoder)
+    other_hidden = torch.rand(5, 4)
+    with torch.inference_mode(), recorder.recording() as recordings:
+        other = threading.Thread(target=model.predict_forward, args=(other_hidden,))
         other.start()
         other.join()
-        expected = predict(torch.rand(1, 4))
-    assert recording.fcs_calls == 1 and len(recording.decoder_calls) == 1
-    assert recording.seg_hidden is not None and recording.language is not None
-    tensors, meta = pack_decoder_call(recording.decoder_calls[0], recording.language[0])
-    assert meta == {
-        "decoder_values": {"multimask_output": True, "repeat_image": False},
-        "decoder_lists": {"high_res_features": 2},
-    }
-    assert torch.equal(tensors["decoder.sparse_prefix"], padding)
-    kwargs = unpack_decoder_call(tensors, meta, fcs(recording.seg_hidden)[0], torch.device("cpu"))
-    assert torch.equal(decoder(**kwargs)[0], expected)
-    # Outside a recording the hooks are gone.
-    predict(torch.rand(1, 4))
-    assert recording.fcs_calls == 1 and not fcs._forward_hooks and not decoder._forward_pre_hooks
+        expected = [model.predict_forward(torch.rand(1, 4)) for _ in range(2)]
+    assert len(recordings) == 2  # one per predict_forward of this thread
+    for recording, output in zip(recordings, expected, strict=True):
+        assert recording.fcs_calls == 1 and len(recording.decoder_calls) == 1
+        assert recording.seg_hidden is not None and recording.language is not None
+        tensors, meta = pack_decoder_call(recording.decoder_calls[0], recording.language[0])
+        assert meta == {
+            "decoder_values": {"multimask_output": True, "repeat_image": False},
+            "decoder_lists": {"high_res_features": 2},
+        }
+        assert torch.equal(tensors["decoder.sparse_prefix"], model.padding)
+        assert not any(t.is_inference() for t in tensors.values())  # usable by autograd
+        language = model.text_hidden_fcs(recording.seg_hidden)[0]
+        kwargs = unpack_decoder_call(tensors, meta, language, torch.device("cpu"))
+        assert torch.equal(model.decoder(**kwargs)[0], output)
+    # Outside a recording the hooks and the wrapper are gone.
+    assert "predict_forward" not in vars(model)
+    assert not model.text_hidden_fcs._forward_hooks and not model.decoder._forward_pre_hooks
 
 
 def test_a_pickled_head_unpickles_in_a_fresh_process(

@@ -12,9 +12,10 @@ Usage::
 What a caller may rely on:
 
 - **Frozen inputs** (names in :class:`Sa2VAHead`) come from the model's own ``predict_forward``
-  (one ``segment`` call per prompt, hooks only; see ``head_inputs``). SAM2's image-side tensors
-  are kept from the first prompt with a ``[SEG]`` token and the same tensor objects are shared by
-  every prompt of the image (held and pickled once). Each input is checked against the model's
+  (one ``segment_prompts`` call per image, so the vision encoder and SAM2's image encoder run
+  once per image; hooks only, see ``head_inputs``). SAM2's image-side tensors are kept from the
+  first prompt with a ``[SEG]`` token and the same tensor objects are shared by every prompt of
+  the image (held and pickled once). Each input is checked against the model's
   own mask: the head at initialisation must agree with it on all but 1% of the pixels (float32
   on the CPU: exactly), else ``RuntimeError``. ``meta``: ``seg_tokens`` (0 when the answer has no
   ``[SEG]``), ``mask_disagreement`` (that check's share of pixels), the decoder call's facts.
@@ -156,7 +157,7 @@ class Sa2VAHeadBackend:
             )
         self._fcs, self._decoder = fcs, decoder
         self._sam_size = int(getattr(sam2, "image_size", 1024))
-        self._recorder = HeadInputRecorder(fcs, decoder)
+        self._recorder = HeadInputRecorder(model, fcs, decoder)
         self._reference: Sa2VAHead | None = None
 
     @property
@@ -172,11 +173,16 @@ class Sa2VAHeadBackend:
     def frozen_inputs(self, image: np.ndarray, prompts: Sequence[str]) -> list[FrozenInputs]:
         """One :class:`FrozenInputs` per prompt (module doc); ``image`` is uint8 HxWx3 RGB."""
         size = (int(image.shape[0]), int(image.shape[1]))
+        with self._recorder.recording() as recordings:
+            answers = self._segmenter.segment_prompts(image, prompts)
+        if len(recordings) != len(answers):
+            raise RuntimeError(
+                f"{len(recordings)} predict_forward calls for {len(answers)} prompts; the "
+                "segmenter no longer calls the model once per prompt"
+            )
         shared: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         result = []
-        for prompt in prompts:
-            with self._recorder.recording() as recording:
-                answer = self._segmenter.segment(image, prompt)
+        for prompt, answer, recording in zip(prompts, answers, recordings, strict=True):
             tokens = 0 if FLAG_NO_SEG_TOKEN in answer.flags else _seg_tokens(recording)
             tensors: dict[str, torch.Tensor] = {}
             meta: dict[str, Any] = {"seg_tokens": tokens}

@@ -13,8 +13,12 @@ on the loaded remote code (no edits to it) see exactly those inputs:
   and dense prompt embeddings, flags, and ``sparse_prompt_embeddings``, whose last token is the
   language embedding and whose other tokens (SAM2's empty-point padding) are image-only.
 
-Hooks record only calls made by the thread inside :meth:`HeadInputRecorder.recording`, so other
-threads segmenting with the same model at the same time do not leak into a recording.
+A recording is split by ``predict_forward`` call (wrapped on the instance), so one
+``segment_prompts`` call (image-only work shared, :mod:`models.sa2va.image_work`) gives one
+:class:`Recording` per prompt. Hooks record only calls made by the thread inside
+:meth:`HeadInputRecorder.recording`, so other threads segmenting with the same model at the
+same time do not leak into a recording. Recorded tensors are copies made outside
+``torch.inference_mode`` (the segmenter runs under it), so they can enter autograd.
 
 :func:`pack_decoder_call` turns one decoder call into named CPU float32 tensors plus plain-data
 facts (what :class:`models.heads.FrozenInputs` holds); :func:`unpack_decoder_call` rebuilds the
@@ -25,12 +29,14 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from models.sa2va.image_work import shadow
 
 SPARSE = "sparse_prompt_embeddings"
 DECODER = "decoder."
@@ -56,53 +62,69 @@ class Recording:
 
 
 class HeadInputRecorder:
-    """Records the inputs of ``text_hidden_fcs`` and ``sam_mask_decoder`` of one model."""
+    """Records the inputs of ``text_hidden_fcs`` and ``sam_mask_decoder`` of one model, per
+    ``predict_forward`` call."""
 
-    def __init__(self, text_hidden_fcs: torch.nn.Module, decoder: torch.nn.Module) -> None:
+    def __init__(
+        self, model: torch.nn.Module, text_hidden_fcs: torch.nn.Module, decoder: torch.nn.Module
+    ) -> None:
+        self._model = model
         self._fcs = text_hidden_fcs
         self._decoder = decoder
         self._signature = inspect.signature(decoder.forward)
         self._thread: int | None = None
-        self._recording = Recording()
+        self._calls: list[Recording] = []
 
     @contextmanager
-    def recording(self) -> Iterator[Recording]:
-        """Hooks are installed for the ``with`` block and record this thread's calls only."""
-        self._recording = Recording()
+    def recording(self) -> Iterator[list[Recording]]:
+        """Within the block, this thread's ``predict_forward`` calls each append a
+        :class:`Recording` to the yielded list; hooks and wrapper are removed on exit."""
+        self._calls = []
         self._thread = threading.get_ident()
-        handles = [
-            self._fcs.register_forward_hook(self._on_fcs),
-            self._decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+        predict: Callable[..., Any] = getattr(self._model, "predict_forward")  # noqa: B009
+
+        def predict_forward(*args: Any, **kwargs: Any) -> Any:
+            if self._thread == threading.get_ident():
+                self._calls.append(Recording())
+            return predict(*args, **kwargs)
+
+        undo = [
+            self._fcs.register_forward_hook(self._on_fcs).remove,
+            self._decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True).remove,
+            shadow(self._model, "predict_forward", predict_forward),
         ]
         try:
-            yield self._recording
+            yield self._calls
         finally:
-            for handle in handles:
-                handle.remove()
+            for step in reversed(undo):
+                step()
             self._thread = None
 
-    def _mine(self) -> bool:
-        return self._thread == threading.get_ident()
+    def _current(self) -> Recording | None:
+        return self._calls[-1] if self._calls and self._thread == threading.get_ident() else None
 
     def _on_fcs(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not self._mine():
+        recording = self._current()
+        if recording is None:
             return
-        self._recording.fcs_calls += 1
+        recording.fcs_calls += 1
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            self._recording.seg_hidden = frozen(args[0])
-            self._recording.language = frozen(output)
+            recording.seg_hidden = frozen(args[0])
+            recording.language = frozen(output)
 
     def _on_decoder(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if self._mine():
-            bound = self._signature.bind(*args, **kwargs)
-            self._recording.decoder_calls.append(dict(bound.arguments))
+        recording = self._current()
+        if recording is not None:
+            recording.decoder_calls.append(dict(self._signature.bind(*args, **kwargs).arguments))
 
 
 def frozen(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, contiguous float32 CPU copy (never a view of the model's own memory)."""
-    return tensor.detach().to("cpu", torch.float32, copy=True).contiguous()
+    """A detached, contiguous float32 CPU copy (never a view of the model's own memory), made
+    outside inference mode so that it can enter autograd."""
+    with torch.inference_mode(False):
+        return tensor.detach().to("cpu", torch.float32, copy=True).contiguous()
 
 
 def pack_decoder_call(
