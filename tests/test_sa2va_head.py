@@ -27,7 +27,7 @@ from transformers import AutoModel
 
 from models.errors import UserError
 from models.heads import FrozenInputs, HeadBackend, MaskHead
-from models.sa2va import Sa2VASegmenter
+from models.sa2va import V2_INTERNVL, Sa2VASegmenter, preflight
 from models.sa2va.head import NO_SEG_LOGIT, Sa2VAHead, Sa2VAHeadBackend
 from models.sa2va.head_inputs import HeadInputRecorder, pack_decoder_call, unpack_decoder_call
 
@@ -96,9 +96,12 @@ def test_initial_head_is_the_backend_soft_mask_exactly(
     head = backend.initial_head()
     assert isinstance(head, MaskHead)
     for x in inputs:
-        expected = backend.segmenter.segment(image, x.prompt).prob
-        assert expected is not None
-        np.testing.assert_array_equal(soft(head, x), expected)  # float32 CPU: bit for bit
+        answer = backend.segmenter.segment(image, x.prompt)
+        assert answer.prob is not None
+        np.testing.assert_array_equal(soft(head, x), answer.prob)  # float32 CPU: bit for bit
+        np.testing.assert_array_equal(x.tensors["prob"].numpy(), answer.prob)
+        mine = backend.segmentation(soft(head, x), x)
+        assert mine.flags == answer.flags and np.array_equal(mine.mask, answer.mask)
         assert x.size == (40, 60) and x.meta["mask_disagreement"] == 0.0
         for tensor in x.tensors.values():
             assert tensor.device.type == "cpu" and tensor.dtype == torch.float32
@@ -125,8 +128,8 @@ def test_input_cap_keeps_the_head_exact_at_the_original_size(v2: Sa2VAHeadBacken
 
 def test_answer_without_seg_is_a_constant_empty_mask(v2: Sa2VAHeadBackend) -> None:
     (x,) = v2.frozen_inputs(ramp_image(), [NO_SEG_PROMPT])
-    assert x.meta["seg_tokens"] == 0 and dict(x.tensors) == {}
-    logits = v2.initial_head()(x)
+    assert x.meta["seg_tokens"] == 0 and set(x.tensors) == {"prob"}
+    logits = v2.initial_head().batch_logits([x, x])[1]
     assert not logits.requires_grad  # nothing to train: the LLM chose not to segment
     assert torch.equal(logits, torch.full((40, 60), NO_SEG_LOGIT))
     assert torch.sigmoid(logits).max().item() == 0.0
@@ -172,6 +175,8 @@ def test_export_loads_upstream_and_gives_the_head_masks(
         assert torch.equal(value, tuned.get(key, original[key])), key
     assert not torch.equal(loaded["text_hidden_fcs.weight"], original["text_hidden_fcs.weight"])
 
+    checked = preflight(out, device="cpu")  # what --model-path runs before any worker starts
+    assert checked is not None and checked.generation is V2_INTERNVL
     tuned_seg = Sa2VASegmenter(out, device="cpu")
     assert tuned_seg.backend_id != v2.backend_id
     for x, image in zip(inputs, [ramp_image()] * 3 + [stripe_image()] * 3, strict=True):
@@ -218,13 +223,18 @@ def test_export_of_a_sharded_checkpoint_copies_untouched_shards(
     )
 
 
-def test_export_never_overwrites_a_folder(
+def test_export_replaces_a_previous_export_but_nothing_else(
     v2: Sa2VAHeadBackend, trained: tuple[Sa2VAHead, list[FrozenInputs]], tmp_path: Path
 ) -> None:
     (tmp_path / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="exists and is not empty; choose a new folder"):
+    with pytest.raises(UserError, match="holds something other than a previous export"):
         v2.export(trained[0], tmp_path, {"steps": 3})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    out = tmp_path / "tuned"
+    v2.export(v2.initial_head(), out, {"steps": 0})
+    v2.export(trained[0], out, {"steps": 3})  # a re-run of the same trial
+    assert json.loads((out / "provenance.json").read_text())["training"] == {"steps": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "tuned"]
 
 
 class RealSignatureDecoder(torch.nn.Module):

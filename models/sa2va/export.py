@@ -53,8 +53,11 @@ def export_head(
         RuntimeError: a head parameter has no tensor of the same shape in the checkpoint.
     """
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"export folder '{folder}' exists and is not empty; choose a new folder")
+    if _occupied(folder):
+        raise UserError(
+            f"export folder '{folder}' exists and holds something other than a previous export "
+            f"(no {PROVENANCE}); choose a new folder"
+        )
     training = json.loads(json.dumps(dict(provenance)))  # fails early on non-JSON values
     source_folder = model_folder(base.source)
     shards = _shards(source_folder)
@@ -80,13 +83,28 @@ def export_head(
             "training": training,
         }
         (staging / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            folder.rmdir()
-        os.replace(staging, folder)
+        _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _occupied(folder: Path) -> bool:
+    """``folder`` exists with content that is not a previous export."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or (any(folder.iterdir()) and not (folder / PROVENANCE).is_file())
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
+    os.replace(folder, previous)
+    os.replace(staging, folder)
+    shutil.rmtree(previous)
 
 
 def _shards(folder: Path) -> dict[str, list[str]]:

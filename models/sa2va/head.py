@@ -55,11 +55,12 @@ from torch import nn
 
 from models.errors import UserError
 from models.heads import FrozenInputs
-from models.sa2va.capture import FLAG_NO_SEG_TOKEN
+from models.sa2va.capture import FLAG_MULTIPLE_SEG_TOKENS, FLAG_NO_SEG_TOKEN
 from models.sa2va.head_inputs import HeadInputRecorder, Recording, pack_decoder_call
 from models.sa2va.head_inputs import unpack_decoder_call as _decoder_kwargs
 from models.sa2va.segmenter import Sa2VASegmenter
 from models.sa2va.source import ModelSource
+from models.segmentation import Segmentation
 
 SEG_HIDDEN = "seg_hidden"
 # sigmoid(-1e4) is exactly 0.0 in float32, and the value stays finite in losses.
@@ -74,9 +75,10 @@ _IMAGE_SIDE = ("conv_s0", "conv_s1")
 class Sa2VAHead(nn.Module):
     """``head(inputs)`` -> float32 mask logits of shape ``inputs.size``.
 
-    Inputs (``FrozenInputs.tensors``): ``seg_hidden`` ``(tokens, hidden)``, the last-layer
-    hidden state at each ``[SEG]`` token, and ``decoder.*``, SAM2's image-side decoder arguments
-    (absent without ``[SEG]``).
+    Inputs (``FrozenInputs.tensors``): ``prob``, float32 ``(H, W)``, the initial head's soft
+    mask (fine-tuning's start, e.g. for a KL term); ``seg_hidden`` ``(tokens, hidden)``, the
+    last-layer hidden state at each ``[SEG]`` token, and ``decoder.*``, SAM2's image-side decoder
+    arguments (these two absent without ``[SEG]``).
 
     Attributes:
         checkpoint_prefixes: this module's state-dict prefixes -> the checkpoint's (what
@@ -125,6 +127,10 @@ class Sa2VAHead(nn.Module):
         language = self.text_hidden_fcs(hidden)
         per_token = [self._token_logits(inputs, embedding, device) for embedding in language]
         return torch.stack(per_token).amax(dim=0)
+
+    def batch_logits(self, batch: Sequence[FrozenInputs]) -> torch.Tensor:
+        """``(N, H, W)`` logits of equally sized inputs (one decoder call per [SEG] token)."""
+        return torch.stack([self(inputs) for inputs in batch])
 
     def _token_logits(
         self, inputs: FrozenInputs, embedding: torch.Tensor, device: torch.device
@@ -192,9 +198,9 @@ class Sa2VAHeadBackend:
                     shared = pack_decoder_call(recording.decoder_calls[0], recording.language[0])
                 tensors = {SEG_HIDDEN: recording.seg_hidden, **shared[0]}
                 meta.update(shared[1])
-            inputs = FrozenInputs(prompt, size, tensors, meta)
-            disagreement = self._disagreement(inputs, answer.mask)
-            result.append(FrozenInputs(prompt, size, tensors, {**meta, **disagreement}))
+            prob, share = self._initial_prob(FrozenInputs(prompt, size, tensors, meta), answer.mask)
+            tensors["prob"] = prob
+            result.append(FrozenInputs(prompt, size, tensors, {**meta, "mask_disagreement": share}))
         return result
 
     def initial_head(self) -> Sa2VAHead:
@@ -215,19 +221,30 @@ class Sa2VAHeadBackend:
 
         return export_head(head, self._segmenter, Path(folder), provenance)
 
-    def _disagreement(self, inputs: FrozenInputs, mask: np.ndarray) -> dict[str, float]:
+    def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
+        """The backend's rule for the head's soft mask ``prob`` (float32 HxW): ``prob > 0.5``,
+        no score, the backend's ``[SEG]`` flags. ``sigmoid(head) > 0.5`` is what the exported
+        model's ``segment`` gives."""
+        tokens = int(inputs.meta["seg_tokens"])
+        flags: tuple[str, ...] = (FLAG_NO_SEG_TOKEN,) if tokens == 0 else ()
+        flags += (FLAG_MULTIPLE_SEG_TOKENS,) if tokens > 1 else ()
+        return Segmentation(prob > 0.5, prob.astype(np.float32), None, flags)
+
+    def _initial_prob(self, inputs: FrozenInputs, mask: np.ndarray) -> tuple[torch.Tensor, float]:
+        """The initial head's soft mask, and the share of pixels where its threshold differs
+        from the model's own ``mask`` (``RuntimeError`` above :data:`MAX_MASK_DISAGREEMENT`)."""
         if self._reference is None:
             self._reference = self.initial_head().to(self._segmenter.device)
         with torch.no_grad():
-            head_mask = (torch.sigmoid(self._reference(inputs)) > 0.5).cpu().numpy()
-        share = float(np.count_nonzero(head_mask != mask) / mask.size)
+            prob = torch.sigmoid(self._reference(inputs)).cpu()
+        share = float(np.count_nonzero((prob > 0.5).numpy() != mask) / mask.size)
         if share > MAX_MASK_DISAGREEMENT:
             raise RuntimeError(
                 f"the Sa2VA head replaying the model's decoder call disagrees with the model's "
                 f"own mask on {share:.1%} of the pixels for prompt {inputs.prompt!r}; this "
                 "model's code post-processes SAM2's logits in a way the head does not reproduce"
             )
-        return {"mask_disagreement": share}
+        return prob, share
 
 
 def model_folder(source: ModelSource) -> Path:
