@@ -219,6 +219,8 @@ class Sa2VAHeadBackend:
         """A model folder with ``head``'s weights (see :func:`models.sa2va.export.export_head`)."""
         from models.sa2va.export import export_head
 
+        if not isinstance(head, Sa2VAHead):
+            raise TypeError(f"expected a Sa2VAHead, got {type(head).__name__}")
         return export_head(head, self._segmenter, Path(folder), provenance)
 
     def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
