@@ -403,7 +403,7 @@ def test_run_refuses_auto_without_cuda_unless_joining_a_cluster(
     # The driver of a cluster run may sit on a node without GPUs: the workers check the device.
     # Their CUDA loads go straight to the GPU (device_map), which needs accelerate.
     if importlib.util.find_spec("accelerate") is None:
-        with pytest.raises(UserError, match="needs the Python package.s. accelerate"):
+        with pytest.raises(UserError, match=r"needs the Python package\(s\) accelerate"):
             pipeline.check_model_source(config, local=False)
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(

@@ -46,8 +46,8 @@ What a caller needs to know:
 
 from models.sa2va.answer_limit import DEFAULT_MAX_NEW_TOKENS, FLAG_ANSWER_TRUNCATED
 from models.sa2va.capture import FLAG_MULTIPLE_SEG_TOKENS, FLAG_NO_SEG_TOKEN, FLAG_PROB_UNAVAILABLE
-from models.sa2va.image_work import ImageWork
 from models.sa2va.generations import V1, V2_INTERNVL, V2_QWEN, Checkpoint, Generation
+from models.sa2va.image_work import ImageWork
 from models.sa2va.loading import preflight
 from models.sa2va.segmenter import (
     POSTPROCESS_VERSION,
