@@ -32,9 +32,10 @@ What a caller may rely on:
   trainer should skip such inputs (``meta["seg_tokens"] == 0``).
 - **Pickling** (Ray objects): the head's modules are instances of the checkpoint's remote-code
   classes (``transformers_modules.<folder>...``), which a fresh process cannot import. A pickled
-  head therefore names the model folder and the model class; unpickling imports that folder's
-  remote code first (``get_class_from_dynamic_module``) when the classes are not importable yet,
-  so the folder must be readable where the head is unpickled (as it must be for the export).
+  head therefore names the model's source and class; unpickling imports that remote code first
+  (as the segmenter's loader does, :mod:`models.sa2va.remote_code`) when the classes are not
+  importable yet, so the model must be readable where the head is unpickled (as it must be for
+  the export).
 - **Precision**: the head computes in float32. On a bfloat16 model on CUDA the head's masks
   differ from the model's near the 0.5 boundary (checked: at most 1% of pixels); the export casts
   the trained weights back to the checkpoint's dtype.
@@ -55,6 +56,7 @@ from torch import nn
 
 from models.errors import UserError
 from models.heads import FrozenInputs
+from models.sa2va import remote_code
 from models.sa2va.capture import FLAG_MULTIPLE_SEG_TOKENS, FLAG_NO_SEG_TOKEN
 from models.sa2va.head_inputs import HeadInputRecorder, Recording, pack_decoder_call
 from models.sa2va.head_inputs import unpack_decoder_call as _decoder_kwargs
@@ -84,8 +86,8 @@ class Sa2VAHead(nn.Module):
         checkpoint_prefixes: this module's state-dict prefixes -> the checkpoint's (what
             :mod:`models.sa2va.export` writes back).
         sam_size: side of SAM2's square input (its logits are upsampled to it first).
-        code: (model folder, ``"module.Class"`` of the model): where the modules' classes come
-            from, for unpickling in another process.
+        code: (the model's source, ``"module.Class"`` of the model): where the modules' classes
+            come from, for unpickling in another process.
     """
 
     def __init__(
@@ -94,7 +96,7 @@ class Sa2VAHead(nn.Module):
         sam_mask_decoder: nn.Module,
         checkpoint_prefixes: Mapping[str, str],
         sam_size: int,
-        code: tuple[str, str],
+        code: tuple[ModelSource, str],
     ) -> None:
         super().__init__()
         self.code = code
@@ -212,7 +214,7 @@ class Sa2VAHeadBackend:
             "sam_mask_decoder": names[id(self._decoder)],
         }
         model_class = f"{type(model).__module__.rpartition('.')[2]}.{type(model).__name__}"
-        code = (str(model_folder(self._segmenter.source)), model_class)
+        code = (self._segmenter.source, model_class)
         return Sa2VAHead(self._fcs, self._decoder, prefixes, self._sam_size, code)
 
     def export(self, head: Any, folder: Path, provenance: Mapping[str, Any]) -> Path:
@@ -259,16 +261,24 @@ def model_folder(source: ModelSource) -> Path:
 
 
 def _unpickle_head(
-    modules: bytes, prefixes: Mapping[str, str], sam_size: int, code: tuple[str, str]
+    modules: bytes, prefixes: Mapping[str, str], sam_size: int, code: tuple[ModelSource, str]
 ) -> Sa2VAHead:
     try:
         fcs, decoder = pickle.loads(modules)
     except ModuleNotFoundError:
-        from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-        get_class_from_dynamic_module(code[1], code[0], local_files_only=True)
+        _import_remote_code(*code)
         fcs, decoder = pickle.loads(modules)
     return Sa2VAHead(fcs, decoder, prefixes, sam_size, code)
+
+
+def _import_remote_code(source: ModelSource, model_class: str) -> None:
+    """Import the checkpoint's remote code as the segmenter's loader does (same module name,
+    under the same inter-process lock)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    location = remote_code.code_location(source)
+    with remote_code.code_lock(location):
+        get_class_from_dynamic_module(model_class, location, **source.load_kwargs())
 
 
 def _bilinear(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
