@@ -139,6 +139,10 @@ def test_a_gradient_step_changes_logits_through_the_chosen_mask_only(
     v2: Sa2VAHeadBackend, trained: tuple[Sa2VAHead, list[FrozenInputs]]
 ) -> None:
     head, inputs = trained
+    # Image-independent decoder inputs are one object across images; image features are not.
+    ramp, stripe = inputs[0].tensors, inputs[3].tensors
+    assert ramp["decoder.sparse_prefix"] is stripe["decoder.sparse_prefix"]
+    assert not torch.equal(ramp["decoder.image_embeddings"], stripe["decoder.image_embeddings"])
     start = v2.initial_head()
     assert not np.array_equal(soft(head, inputs[0]) > 0.5, soft(start, inputs[0]) > 0.5)
     assert (soft(head, inputs[0]) > soft(start, inputs[0])).mean() > 0.9

@@ -15,7 +15,8 @@ What a caller may rely on:
   (one ``segment_prompts`` call per image, so the vision encoder and SAM2's image encoder run
   once per image; hooks only, see ``head_inputs``). SAM2's image-side tensors are kept from the
   first prompt with a ``[SEG]`` token and the same tensor objects are shared by every prompt of
-  the image (held and pickled once). Each input is checked against the model's
+  the image (held and pickled once); those equal to the previous image's (the image-independent
+  ones) are that image's objects. Each input is checked against the model's
   own mask: the head at initialisation must agree with it on all but 1% of the pixels (float32
   on the CPU: exactly), else ``RuntimeError``. ``meta``: ``seg_tokens`` (0 when the answer has no
   ``[SEG]``), ``mask_disagreement`` (that check's share of pixels), the decoder call's facts.
@@ -167,6 +168,7 @@ class Sa2VAHeadBackend:
         self._sam_size = int(getattr(sam2, "image_size", 1024))
         self._recorder = HeadInputRecorder(model, fcs, decoder)
         self._reference: Sa2VAHead | None = None
+        self._previous: dict[str, torch.Tensor] = {}
 
     @property
     def backend_id(self) -> str:
@@ -198,6 +200,7 @@ class Sa2VAHeadBackend:
                 assert recording.seg_hidden is not None and recording.language is not None
                 if shared is None:
                     shared = pack_decoder_call(recording.decoder_calls[0], recording.language[0])
+                    shared = (self._reuse_equal(shared[0]), shared[1])
                 tensors = {SEG_HIDDEN: recording.seg_hidden, **shared[0]}
                 meta.update(shared[1])
             prob, share = self._initial_prob(FrozenInputs(prompt, size, tensors, meta), answer.mask)
@@ -224,6 +227,17 @@ class Sa2VAHeadBackend:
         if not isinstance(head, Sa2VAHead):
             raise TypeError(f"expected a Sa2VAHead, got {type(head).__name__}")
         return export_head(head, self._segmenter, Path(folder), provenance)
+
+    def _reuse_equal(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` with each one equal to the previous image's tensor of that name replaced
+        by that object: image-independent decoder inputs (SAM2's positional encoding, its
+        no-mask embedding) are then held once for all images."""
+        for name, tensor in tensors.items():
+            previous = self._previous.get(name)
+            if previous is not None and torch.equal(previous, tensor):
+                tensors[name] = previous
+        self._previous = dict(tensors)
+        return tensors
 
     def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
         """The backend's rule for the head's soft mask ``prob`` (float32 HxW): ``prob > 0.5``,
