@@ -209,3 +209,18 @@ def test_bad_max_new_tokens_is_a_user_error(folders: dict[str, Path], bad: Any) 
 
     with pytest.raises(UserError, match="max_new_tokens must be a positive int"):
         Sa2VASegmenter(folders["v2"], device="cpu", max_new_tokens=bad)
+
+
+def test_config_sets_max_new_tokens_for_the_workers(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    from test_sa2va_generations import run_config
+
+    from models.errors import UserError
+    from orchestrator import pipeline
+
+    config = run_config(folders["v2"], tmp_path, device="cpu", max_new_tokens=16)
+    assert pipeline.backend_spec(config)[1]["max_new_tokens"] == 16
+    assert run_config(folders["v2"], tmp_path).backend.max_new_tokens == 64
+    with pytest.raises(UserError, match="max_new_tokens"):
+        run_config(folders["v2"], tmp_path, max_new_tokens=0)
