@@ -25,6 +25,7 @@ from test_sa2va_backend import NO_SEG_PROMPT, PROMPT, TWO_SEG_PROMPT, stripe_ima
 from tiny_sa2va import write_tiny_sa2va
 from transformers import AutoModel
 
+from models.backends import make_head_backend
 from models.errors import UserError
 from models.heads import FrozenInputs, HeadBackend, MaskHead
 from models.sa2va import V2_INTERNVL, Sa2VASegmenter, preflight
@@ -112,6 +113,17 @@ def test_initial_head_is_the_backend_soft_mask_exactly(
     assert inputs[0].tensors[shared] is inputs[1].tensors[shared]
     assert inputs[0].tensors["seg_hidden"].shape == (1, 8)
     assert inputs[1].tensors["seg_hidden"].shape == (2, 8)
+
+
+def test_the_backend_registry_gives_the_head_backend_of_a_loaded_sa2va(
+    v2: Sa2VAHeadBackend,
+) -> None:
+    found = make_head_backend(v2.segmenter)
+    assert isinstance(found, Sa2VAHeadBackend) and found.backend_id == v2.backend_id
+    assert make_head_backend(found) is found
+    client = SimpleNamespace(backend_id=v2.backend_id)  # e.g. a client of the workers
+    with pytest.raises(UserError, match="needs the loaded Sa2VASegmenter itself"):
+        make_head_backend(client)  # type: ignore[arg-type]
 
 
 def test_input_cap_keeps_the_head_exact_at_the_original_size(v2: Sa2VAHeadBackend) -> None:
