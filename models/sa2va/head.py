@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,7 @@ class Sa2VAHeadBackend:
         self._recorder = HeadInputRecorder(model, fcs, decoder)
         self._reference: Sa2VAHead | None = None
         self._previous: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # one recording at a time
 
     @property
     def backend_id(self) -> str:
@@ -181,7 +183,12 @@ class Sa2VAHeadBackend:
         return self._segmenter
 
     def frozen_inputs(self, image: np.ndarray, prompts: Sequence[str]) -> list[FrozenInputs]:
-        """One :class:`FrozenInputs` per prompt (module doc); ``image`` is uint8 HxWx3 RGB."""
+        """One :class:`FrozenInputs` per prompt (module doc); ``image`` is uint8 HxWx3 RGB.
+        Thread-safe: calls are serialised, and other threads may segment meanwhile."""
+        with self._lock:
+            return self._frozen_inputs(image, prompts)
+
+    def _frozen_inputs(self, image: np.ndarray, prompts: Sequence[str]) -> list[FrozenInputs]:
         size = (int(image.shape[0]), int(image.shape[1]))
         with self._recorder.recording() as recordings:
             answers = self._segmenter.segment_prompts(image, prompts)
