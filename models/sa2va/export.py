@@ -46,10 +46,12 @@ def export_head(
     ``steps``) is written under ``"training"`` in ``provenance.json``, beside ``"base"`` (source,
     revision, backend id, folder digest, weight file sizes) and ``"head"`` (the checkpoint keys
     written and a sha256 of their new values). The folder is assembled beside ``folder`` and
-    renamed into place, so a failed export leaves nothing at ``folder``.
+    renamed into place, so a failed export leaves ``folder`` as it was; a previous export there
+    (a folder with ``provenance.json``) is replaced whole.
 
     Raises:
-        UserError: ``folder`` exists and is not empty, or the base has no safetensors weights.
+        UserError: ``folder`` exists, is not empty and is not a previous export, or the base
+            has no safetensors weights.
         RuntimeError: a head parameter has no tensor of the same shape in the checkpoint.
     """
     folder = Path(folder)
@@ -59,35 +61,40 @@ def export_head(
             f"(no {PROVENANCE}); choose a new folder"
         )
     training = json.loads(json.dumps(dict(provenance)))  # fails early on non-JSON values
-    source_folder = model_folder(base.source)
-    shards = _shards(source_folder)
-    updates = _checkpoint_tensors(head)
     staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        for path in model_files(source_folder):
-            relative = path.relative_to(source_folder)
-            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-            if relative.as_posix() not in shards:
-                shutil.copyfile(path, staging / relative)
-        written = _write_shards(source_folder, staging, shards, updates)
-        required = {_checkpoint_key(head, name) for name, _ in head.named_parameters()}
-        if required - written:
-            raise RuntimeError(
-                f"head parameters missing from the checkpoint: {sorted(required - written)[:5]}"
-            )
-        record = {
-            "base": _base_record(base, source_folder, shards),
-            "head": {"keys": sorted(written), "sha256": _tensors_sha256(updates, written)},
-            "training": training,
-        }
-        (staging / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _assemble(staging, head, base, training)
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def _assemble(staging: Path, head: Sa2VAHead, base: Sa2VASegmenter, training: Any) -> None:
+    """Copy the base folder into ``staging`` with the head's tensors, plus the provenance."""
+    source_folder = model_folder(base.source)
+    shards = _shards(source_folder)
+    updates = _checkpoint_tensors(head)
+    for path in model_files(source_folder):
+        relative = path.relative_to(source_folder)
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        if relative.as_posix() not in shards:
+            shutil.copyfile(path, staging / relative)
+    written = _write_shards(source_folder, staging, shards, updates)
+    required = {_checkpoint_key(head, name) for name, _ in head.named_parameters()}
+    if required - written:
+        raise RuntimeError(
+            f"head parameters missing from the checkpoint: {sorted(required - written)[:5]}"
+        )
+    record = {
+        "base": _base_record(base, source_folder, shards),
+        "head": {"keys": sorted(written), "sha256": _tensors_sha256(updates, written)},
+        "training": training,
+    }
+    (staging / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _occupied(folder: Path) -> bool:
