@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import transformers
 import transformers.dynamic_module_utils as dynamic
 from filelock import FileLock, Timeout
 from test_sa2va_backend import PROMPT, stripe_image
 from tiny_sa2va import write_tiny_sa2va
 
-from models.sa2va import Sa2VASegmenter, remote_code
+from models.sa2va import Sa2VASegmenter, loading, remote_code
+from models.sa2va.source import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
 
 
 def twin_folders(base: Path) -> dict[str, Path]:
@@ -124,3 +128,23 @@ def test_two_processes_load_same_named_folders_at_once(tmp_path: Path) -> None:
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert [out.split()[-1] for out, _ in outputs] == ["0.25", "1.0"]
+
+
+@pytest.mark.parametrize(
+    ("device", "placement"),
+    [(torch.device("cuda", 1), {"device_map": {"": torch.device("cuda", 1)}}), (CPU, {})],
+)
+def test_weights_load_straight_onto_the_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: torch.device, placement: dict
+) -> None:
+    # No GPU here: the call transformers receives is what decides where the weights go.
+    folder = write_tiny_sa2va(tmp_path / "tiny_sa2va")
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(
+        transformers.AutoModel, "from_pretrained", lambda *a, **k: calls.append(k) or "model"
+    )
+    source = ModelSource.resolve(folder, None, False)
+    model, tokenizer = loading.load_model(source, None, torch.float32, device)
+    assert model == "model" and tokenizer.convert_tokens_to_ids("[SEG]") == 3
+    (kwargs,) = calls
+    assert kwargs.get("device_map") == placement.get("device_map")
