@@ -29,6 +29,7 @@ from models.backends import make_head_backend
 from models.errors import UserError
 from models.heads import FrozenInputs, HeadBackend, MaskHead
 from models.sa2va import V2_INTERNVL, Sa2VASegmenter, preflight
+from models.sa2va.export import export_head
 from models.sa2va.head import NO_SEG_LOGIT, Sa2VAHead, Sa2VAHeadBackend
 from models.sa2va.head_inputs import HeadInputRecorder, pack_decoder_call, unpack_decoder_call
 
@@ -224,7 +225,9 @@ def test_export_of_a_sharded_checkpoint_copies_untouched_shards(
     (folder / "model.safetensors").unlink()
     backend = Sa2VAHeadBackend(Sa2VASegmenter(folder, device="cpu"))
 
-    head, inputs = trained
+    head = backend.initial_head()  # the sharded folder's head, with the trained weights
+    head.load_state_dict(trained[0].state_dict())
+    inputs = trained[1]
     out = backend.export(head, models / "tiny_sa2va_v2_sharded_tuned", {"steps": 3})
     for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
         assert (out / name).read_bytes() == (folder / name).read_bytes()
@@ -248,7 +251,8 @@ def test_export_replaces_a_previous_export_but_nothing_else(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
     out = tmp_path / "tuned"
     v2.export(v2.initial_head(), out, {"steps": 0})
-    v2.export(trained[0], out, {"steps": 3})  # a re-run of the same trial
+    # A re-run of the same trial, exporting as a trial would: from the head alone.
+    export_head(trained[0], out, {"steps": 3}, v2.backend_id)
     assert json.loads((out / "provenance.json").read_text())["training"] == {"steps": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "tuned"]
 

@@ -29,8 +29,7 @@ from safetensors.torch import save_file
 
 from models.errors import UserError
 from models.sa2va.head import Sa2VAHead, model_folder
-from models.sa2va.segmenter import Sa2VASegmenter
-from models.sa2va.source import folder_digest, model_files
+from models.sa2va.source import ModelSource, folder_digest, model_files
 
 PROVENANCE = "provenance.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,9 +37,11 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def export_head(
-    head: Sa2VAHead, base: Sa2VASegmenter, folder: Path, provenance: Mapping[str, Any]
+    head: Sa2VAHead, folder: Path, provenance: Mapping[str, Any], base_backend_id: str
 ) -> Path:
-    """Write ``base``'s checkpoint with ``head``'s weights into ``folder``; returns ``folder``.
+    """Write the checkpoint ``head`` comes from (``head.code``: its source) with ``head``'s
+    weights into ``folder``; returns ``folder``. Needs no loaded model (a trial can export
+    what it trained); ``base_backend_id`` is recorded as the base's backend id.
 
     ``provenance`` (JSON-serialisable; e.g. ``data_manifest_sha256``, ``reward_net``,
     ``steps``) is written under ``"training"`` in ``provenance.json``, beside ``"base"`` (source,
@@ -65,7 +66,7 @@ def export_head(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        _assemble(staging, head, base, training)
+        _assemble(staging, head, base_backend_id, training)
         _swap_in(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -73,9 +74,10 @@ def export_head(
     return folder
 
 
-def _assemble(staging: Path, head: Sa2VAHead, base: Sa2VASegmenter, training: Any) -> None:
+def _assemble(staging: Path, head: Sa2VAHead, base_backend_id: str, training: Any) -> None:
     """Copy the base folder into ``staging`` with the head's tensors, plus the provenance."""
-    source_folder = model_folder(base.source)
+    source = head.code[0]
+    source_folder = model_folder(source)
     shards = _shards(source_folder)
     updates = _checkpoint_tensors(head)
     for path in model_files(source_folder):
@@ -90,7 +92,7 @@ def _assemble(staging: Path, head: Sa2VAHead, base: Sa2VASegmenter, training: An
             f"head parameters missing from the checkpoint: {sorted(required - written)[:5]}"
         )
     record = {
-        "base": _base_record(base, source_folder, shards),
+        "base": _base_record(source, base_backend_id, source_folder, shards),
         "head": {"keys": sorted(written), "sha256": _tensors_sha256(updates, written)},
         "training": training,
     }
@@ -169,13 +171,13 @@ def _write_shards(
 
 
 def _base_record(
-    base: Sa2VASegmenter, folder: Path, shards: Mapping[str, list[str]]
+    source: ModelSource, backend_id: str, folder: Path, shards: Mapping[str, list[str]]
 ) -> dict[str, Any]:
     return {
-        "location": base.source.location,
-        "revision": base.source.revision,
+        "location": source.location,
+        "revision": source.revision,
         "folder": str(folder),
-        "backend_id": base.backend_id,
+        "backend_id": backend_id,
         "folder_digest": folder_digest(folder),
         "weight_files": {shard: (folder / shard).stat().st_size for shard in sorted(shards)},
     }

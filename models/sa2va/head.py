@@ -233,7 +233,7 @@ class Sa2VAHeadBackend:
 
         if not isinstance(head, Sa2VAHead):
             raise TypeError(f"expected a Sa2VAHead, got {type(head).__name__}")
-        return export_head(head, self._segmenter, Path(folder), provenance)
+        return export_head(head, Path(folder), provenance, self.backend_id)
 
     def _reuse_equal(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` with each one equal to the previous image's tensor of that name replaced
@@ -247,13 +247,8 @@ class Sa2VAHeadBackend:
         return tensors
 
     def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
-        """The backend's rule for the head's soft mask ``prob`` (float32 HxW): ``prob > 0.5``,
-        no score, the backend's ``[SEG]`` flags. ``sigmoid(head) > 0.5`` is what the exported
-        model's ``segment`` gives."""
-        tokens = int(inputs.meta["seg_tokens"])
-        flags: tuple[str, ...] = (FLAG_NO_SEG_TOKEN,) if tokens == 0 else ()
-        flags += (FLAG_MULTIPLE_SEG_TOKENS,) if tokens > 1 else ()
-        return Segmentation(prob > 0.5, prob.astype(np.float32), None, flags)
+        """:func:`head_segmentation`."""
+        return head_segmentation(prob, inputs)
 
     def _initial_prob(self, inputs: FrozenInputs, mask: np.ndarray) -> tuple[torch.Tensor, float]:
         """The initial head's soft mask, and the share of pixels where its threshold differs
@@ -270,6 +265,16 @@ class Sa2VAHeadBackend:
                 "model's code post-processes SAM2's logits in a way the head does not reproduce"
             )
         return prob, share
+
+
+def head_segmentation(prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
+    """The backend's rule for the head's soft mask ``prob`` (float32 HxW): ``prob > 0.5``, no
+    score, the backend's ``[SEG]`` flags. ``sigmoid(head) > 0.5`` is what the exported model's
+    ``segment`` gives."""
+    tokens = int(inputs.meta["seg_tokens"])
+    flags: tuple[str, ...] = (FLAG_NO_SEG_TOKEN,) if tokens == 0 else ()
+    flags += (FLAG_MULTIPLE_SEG_TOKENS,) if tokens > 1 else ()
+    return Segmentation(prob > 0.5, prob.astype(np.float32), None, flags)
 
 
 def model_folder(source: ModelSource) -> Path:
