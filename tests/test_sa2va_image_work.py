@@ -98,7 +98,7 @@ def test_shared_path_runs_each_encoder_once_and_answers_bit_for_bit(
     assert [r.flags for r in shared] == [(), (FLAG_NO_SEG_TOKEN,), (FLAG_MULTIPLE_SEG_TOKENS,), ()]
     assert shared[0].mask[15].all() and not shared[1].mask.any()
     # The memo answered the other calls and kept nothing after the call.
-    assert all(memo.kept is None for memo in seg.image_work._memos.values())
+    assert seg.image_work.kept("vision") is None and seg.image_work.kept("sam2") is None
 
 
 def test_each_image_is_encoded_afresh(segmenters: dict[str, Sa2VASegmenter]) -> None:
@@ -120,9 +120,9 @@ def test_inside_one_block_other_inputs_recompute_and_equal_ones_reuse(
     sam2 = model.grounding_encoder.sam2_model
     a, b = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
     try:
-        with torch.inference_mode(), work.shared() as session:
+        with torch.inference_mode(), work.shared():
             outputs = [sam2.forward_image(x) for x in (a, a.clone(), b, b.clone(), a)]
-            kept = session.kept("sam2")
+            kept = work.kept("sam2")
         assert work.counts()["sam2"] == {"computed": 3, "reused": 2}
         assert kept is not None and torch.equal(kept[0][0], a)
         first, again = outputs[0]["backbone_fpn"][0], outputs[1]["backbone_fpn"][0]
@@ -135,37 +135,16 @@ def test_inside_one_block_other_inputs_recompute_and_equal_ones_reuse(
     assert "forward_image" in vars(sam2)  # the segmenter's own wrapper is back in place
 
 
-@pytest.mark.parametrize("variant", ["v2", "qwen"])
-def test_trace_gives_the_answers_seg_hidden_states_and_sam2_features(
-    segmenters: dict[str, Sa2VASegmenter], variant: str
-) -> None:
-    seg = segmenters[variant]
-    prompts = [TWO_SEG_PROMPT, NO_SEG_PROMPT, PROMPT]
-    trace = seg.trace_prompts(stripe_image(), prompts)
-    assert_same(trace.results, seg.segment_prompts(stripe_image(), prompts))
-    assert [tuple(h.shape) for h in trace.seg_hidden_states] == [(2, 8), (0, 8), (1, 8)]
-    # The PROMPT's [SEG] state is the TWO_SEG prompt's first one only if the prompts match: not.
-    assert not torch.equal(trace.seg_hidden_states[2][0], trace.seg_hidden_states[0][0])
-    assert trace.sam2_input is not None and tuple(trace.sam2_input.shape) == (1, 3, 1024, 1024)
-    tensors = [*trace.seg_hidden_states, trace.sam2_input, trace.sam2_features["backbone_fpn"][0]]
-    assert all(t.device.type == "cpu" and not t.is_inference() for t in tensors)
-    # The features are SAM2's image encoder's output for that input, recomputed here.
-    with torch.no_grad():
-        again = seg.model.grounding_encoder.sam2_model.forward_image(trace.sam2_input)
-    assert torch.equal(again["backbone_fpn"][0], trace.sam2_features["backbone_fpn"][0])
-    assert seg.trace_prompts(stripe_image(), [NO_SEG_PROMPT]).sam2_features is None
-
-
 def test_blocks_nest_and_the_outer_one_keeps_the_work(
     segmenters: dict[str, Sa2VASegmenter],
 ) -> None:
     seg = segmenters["v2"]
-    with seg.image_work.shared() as session:
+    with seg.image_work.shared():
         _, calls = calls_during(
             seg, lambda: [seg.segment_prompts(stripe_image(), [p]) for p in (PROMPT, PROMPT)]
         )
-        assert session.kept("sam2") is not None and len(session.seg_hidden_states) == 2
-    assert calls == {"vision": 1, "sam2": 1} and session.kept("sam2") is None
+        assert seg.image_work.kept("sam2") is not None
+    assert calls == {"vision": 1, "sam2": 1} and seg.image_work.kept("sam2") is None
 
 
 def test_calls_run_under_inference_mode(segmenters: dict[str, Sa2VASegmenter]) -> None:

@@ -25,8 +25,6 @@ What a caller needs to know:
   GPU. ``segment_prompts(image, prompts)`` runs one ``predict_forward`` per prompt but the
   vision encoder and SAM2's image encoder once per image (``image_work``), with answers equal
   to the per-prompt path; everything runs under ``torch.inference_mode()``.
-  ``trace_prompts(image, prompts)`` also returns what a mask head needs (``PromptTrace``: each
-  prompt's [SEG] hidden states, SAM2's encoded image and features) as plain CPU tensors.
 - **Bounded answers** (``answer_limit``). At most ``max_new_tokens`` (default 64) answer tokens
   per prompt; a longer answer is cut and its result flagged ``"answer_truncated"``.
 - **Prompt.** A full instruction such as ``"Please segment the blood vessel."``; the model sees
@@ -55,7 +53,6 @@ from models.sa2va.segmenter import (
     POSTPROCESS_VERSION,
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_VERSION,
-    PromptTrace,
     Sa2VASegmenter,
     format_prompt,
 )
@@ -77,7 +74,6 @@ __all__ = [
     "Generation",
     "ImageWork",
     "ModelSource",
-    "PromptTrace",
     "Sa2VASegmenter",
     "folder_digest",
     "format_prompt",

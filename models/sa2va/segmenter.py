@@ -7,7 +7,6 @@ import os
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from models.sa2va.capture import (
     upscale_nearest,
 )
 from models.sa2va.devices import dtype_name, resolve_device, resolve_dtype, use_device
-from models.sa2va.image_work import SAM2, ImageWork, Session
+from models.sa2va.image_work import ImageWork
 from models.sa2va.source import ModelSource, cached_commit, folder_digest
 from models.segmentation import Segmentation
 
@@ -181,16 +180,6 @@ class Sa2VASegmenter:
         """``segment(image, p)`` for every prompt, in order, one ``predict_forward`` each; the
         image-only work is done once for all of them (see ``share_image_work``). Everything
         runs under ``torch.inference_mode()``."""
-        return self._run(image, prompts, self._share, trace=False).results
-
-    def trace_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> PromptTrace:
-        """``segment_prompts`` with image-only work shared, plus what a mask head fine-tuned
-        on this model needs (:class:`PromptTrace`), copied out under the model lock."""
-        return self._run(image, prompts, True, trace=True)
-
-    def _run(
-        self, image: np.ndarray, prompts: Sequence[str], share: bool, trace: bool
-    ) -> PromptTrace:
         _check_image(image)
         texts = [format_prompt(p) for p in prompts]
         model_image = _fit_to_cap(image, self._input_cap)
@@ -198,33 +187,26 @@ class Sa2VASegmenter:
         with self._lock:
             if self._closed:
                 raise RuntimeError("Sa2VASegmenter called after close()")
-            sharing = self._image_work.shared() if share else nullcontext(None)
-            with use_device(self._device), torch.inference_mode(), sharing as session:
-                answers = [self._predict(pil_image, text, session) for text in texts]
-                kept = session.kept(SAM2) if trace and session is not None else None
-        results = [
+            sharing = self._image_work.shared() if self._share else nullcontext()
+            with use_device(self._device), torch.inference_mode(), sharing:
+                answers = [self._predict(pil_image, text) for text in texts]
+        return [
             self._result(output, captures, image.shape[:2], model_image.shape[:2], flags)
-            for output, captures, flags, _ in answers
+            for output, captures, flags in answers
         ]
-        # Copied outside inference mode: plain tensors a head can train on.
-        hidden = [_joined(read_out) for *_, read_out in answers]
-        return PromptTrace(results, hidden, *_sam2_copy(kept))
 
     def _predict(
-        self, image: Image.Image, text: str, session: Session | None
-    ) -> tuple[dict[str, Any], list[Capture], list[str], list[torch.Tensor]]:
-        """One ``predict_forward`` (the caller holds the lock): output, captures, flags and the
-        [SEG] hidden states read out (none without a session)."""
+        self, image: Image.Image, text: str
+    ) -> tuple[dict[str, Any], list[Capture], list[str]]:
+        """One ``predict_forward`` (the caller holds the lock): output, captures, flags."""
         kwargs: dict[str, Any] = {"image": image, "text": text, "tokenizer": self._tokenizer}
         if self._processor is not None:
             kwargs["processor"] = self._processor
         self._recorder.reset()
         self._limit.truncated = False
-        start = len(session.seg_hidden_states) if session is not None else 0
         output = self._model.predict_forward(**kwargs)
         flags = [FLAG_ANSWER_TRUNCATED] if self._limit.truncated else []
-        read_out = session.seg_hidden_states[start:] if session is not None else []
-        return output, list(self._recorder.captures), flags, read_out
+        return output, list(self._recorder.captures), flags
 
     def close(self) -> None:
         """Remove the hooks and drop the model (frees GPU memory once nothing else holds it)."""
@@ -296,55 +278,6 @@ def _check_cap(cap: int | None) -> int | None:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise UserError(f"Sa2VA input_cap must be a positive int or None, got {cap!r}")
     return cap
-
-
-@dataclass(frozen=True)
-class PromptTrace:
-    """One :meth:`Sa2VASegmenter.trace_prompts` call: the answers and the frozen inputs of a
-    mask head (``text_hidden_fcs`` + SAM2's mask decoder), as plain CPU tensors (copies: no
-    inference tensors, no graph).
-
-    Attributes:
-        results: the answers, as :meth:`Sa2VASegmenter.segment_prompts` gives them.
-        seg_hidden_states: per prompt, the LLM's last-layer hidden states at its [SEG] tokens,
-            shape ``(n_seg, hidden)`` (zero rows when the answer has none; ``(0, 0)`` where
-            image work was not shared): the input of ``text_hidden_fcs``.
-        sam2_input: the image batch SAM2 encoded (``(1, 3, 1024, 1024)``, preprocessed by the
-            model's code), or ``None`` when no prompt's answer had a [SEG] token (SAM2 did not
-            run).
-        sam2_features: what ``sam2_model.forward_image`` returned for it (upstream: a dict with
-            ``vision_features``, ``vision_pos_enc`` and ``backbone_fpn`` lists; the first two FPN
-            levels already through ``conv_s0``/``conv_s1``), or ``None`` likewise.
-    """
-
-    results: list[Segmentation]
-    seg_hidden_states: list[torch.Tensor]
-    sam2_input: torch.Tensor | None = None
-    sam2_features: Any | None = None
-
-
-def _sam2_copy(kept: tuple[tuple[Any, ...], dict[str, Any], Any] | None) -> list[Any]:
-    """[the image batch SAM2 encoded, its features] as CPU copies, or [None, None]."""
-    if kept is None:
-        return [None, None]
-    args, kwargs, output = kept
-    return _copied([args[0] if args else kwargs.get("img_batch"), output])
-
-
-def _joined(hidden: list[torch.Tensor]) -> torch.Tensor:
-    """One prompt's [SEG] hidden states as one CPU copy (``(0, 0)`` if none were read out)."""
-    return _copied(torch.cat(hidden)) if hidden else torch.zeros(0, 0)
-
-
-def _copied(value: Any) -> Any:
-    """``value`` with every tensor copied onto the CPU, lists, tuples and dicts re-created."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _copied(v) for k, v in value.items()}
-    return value
 
 
 def _check_max_new_tokens(value: int) -> int:
