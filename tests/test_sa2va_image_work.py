@@ -98,7 +98,7 @@ def test_shared_path_runs_each_encoder_once_and_answers_bit_for_bit(
     assert [r.flags for r in shared] == [(), (FLAG_NO_SEG_TOKEN,), (FLAG_MULTIPLE_SEG_TOKENS,), ()]
     assert shared[0].mask[15].all() and not shared[1].mask.any()
     # The memo answered the other calls and kept nothing after the call.
-    assert all(memo.kept is None for memo in seg.image_work._memos.values())
+    assert seg.image_work.kept("vision") is None and seg.image_work.kept("sam2") is None
 
 
 def test_each_image_is_encoded_afresh(segmenters: dict[str, Sa2VASegmenter]) -> None:
@@ -120,9 +120,9 @@ def test_inside_one_block_other_inputs_recompute_and_equal_ones_reuse(
     sam2 = model.grounding_encoder.sam2_model
     a, b = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
     try:
-        with torch.inference_mode(), work.shared() as session:
+        with torch.inference_mode(), work.shared():
             outputs = [sam2.forward_image(x) for x in (a, a.clone(), b, b.clone(), a)]
-            kept = session.kept("sam2")
+            kept = work.kept("sam2")
         assert work.counts()["sam2"] == {"computed": 3, "reused": 2}
         assert kept is not None and torch.equal(kept[0][0], a)
         first, again = outputs[0]["backbone_fpn"][0], outputs[1]["backbone_fpn"][0]
@@ -135,29 +135,16 @@ def test_inside_one_block_other_inputs_recompute_and_equal_ones_reuse(
     assert "forward_image" in vars(sam2)  # the segmenter's own wrapper is back in place
 
 
-@pytest.mark.parametrize("variant", ["v2", "qwen"])
-def test_session_exposes_seg_hidden_states_and_sam2_features(
-    segmenters: dict[str, Sa2VASegmenter], variant: str
+def test_blocks_nest_and_the_outer_one_keeps_the_work(
+    segmenters: dict[str, Sa2VASegmenter],
 ) -> None:
-    seg = segmenters[variant]
-    with torch.inference_mode(), seg.image_work.shared() as session:
-        seg.model.predict_forward(**call_kwargs(seg, TWO_SEG_PROMPT))
-        seg.model.predict_forward(**call_kwargs(seg, NO_SEG_PROMPT))
-        seg.model.predict_forward(**call_kwargs(seg, PROMPT))
-        kept = session.kept("sam2")
-    assert [tuple(h.shape) for h in session.seg_hidden_states] == [(2, 8), (0, 8), (1, 8)]
-    assert all(h.is_inference() and not h.requires_grad for h in session.seg_hidden_states)
-    assert kept is not None and tuple(kept[2]["backbone_fpn"][0].shape) == (1, 3, 256, 256)
-
-
-def call_kwargs(seg: Sa2VASegmenter, prompt: str) -> dict[str, Any]:
-    from PIL import Image
-
-    kwargs = {"image": Image.fromarray(stripe_image()), "text": f"<image>{prompt}"}
-    kwargs["tokenizer"] = seg._tokenizer
-    if seg._processor is not None:
-        kwargs["processor"] = seg._processor
-    return kwargs
+    seg = segmenters["v2"]
+    with seg.image_work.shared():
+        _, calls = calls_during(
+            seg, lambda: [seg.segment_prompts(stripe_image(), [p]) for p in (PROMPT, PROMPT)]
+        )
+        assert seg.image_work.kept("sam2") is not None
+    assert calls == {"vision": 1, "sam2": 1} and seg.image_work.kept("sam2") is None
 
 
 def test_calls_run_under_inference_mode(segmenters: dict[str, Sa2VASegmenter]) -> None:

@@ -1,5 +1,6 @@
-"""Image-only work of a Sa2VA model done once per image, and the [SEG] hidden states, for any
-caller that runs several prompts on one image (the segmenter, the fine-tuning head's inputs).
+"""Image-only work of a Sa2VA model done once per image, for any caller that runs several
+prompts on one image (the segmenter's ``segment_prompts``, and through it the fine-tuning head's
+inputs, which :mod:`models.sa2va.head_inputs` records).
 
 Upstream's ``predict_forward`` recomputes, for every prompt, the vision encoder's output and, for
 every [SEG] token, SAM2's image features. :class:`ImageWork` wraps those image-only functions on
@@ -14,19 +15,17 @@ the loaded model's instances (upstream files are not edited; classes are not tou
 Contract:
 
 - Outside :meth:`ImageWork.shared` every wrapped call runs the original and keeps nothing.
-- Inside ``with work.shared() as session:`` each wrapped function keeps its last (inputs,
+- Inside ``with work.shared():`` each wrapped function keeps its last (inputs,
   output); a call whose inputs are equal to the kept ones (same types, shapes, dtypes, devices
   and values, ``torch.equal``) returns the kept output (lists and dicts re-created, tensors
   shared) instead of running again; other inputs run the original and replace what was kept.
-  So the answers are those of the unshared path, bit for bit, whatever the prompts. On leaving
-  the block everything kept is dropped (also on an exception).
-- ``session.seg_hidden_states`` lists, per call of ``model.text_hidden_fcs`` in the block (one
-  per ``predict_forward`` that read out [SEG] tokens), its input: the last-layer hidden states
-  at the [SEG] positions, shape ``(n_seg, hidden)``, detached. ``session.kept("sam2")`` is the
-  last ``(args, kwargs, output)`` of SAM2's image encoder (``None`` until one ran), e.g. the
-  ``backbone_out`` dict a mask decoder needs.
-- Tensors seen inside ``torch.inference_mode()`` (as the segmenter runs) are inference tensors:
-  ``.clone()`` one before it enters autograd, and copy what must outlive the model call.
+  So the answers are those of the unshared path, whatever the prompts: bit for bit wherever
+  recomputing an encoder is deterministic (always on the CPU). On leaving the block everything
+  kept is dropped (also on an exception).
+- Blocks nest: an inner ``shared()`` (e.g. the segmenter's, inside a caller's block) joins the
+  outer block, and only the outermost exit drops what was kept. ``kept(site)`` is the last
+  ``(args, kwargs, output)`` kept for a site (``None`` outside a block or before a run); kept
+  tensors are detached.
 - ``counts()`` gives, per wrapped site, how many times the original ran and how many calls were
   answered from what was kept, since construction (benchmarks and tests).
 - Not thread-safe: callers serialise calls on one model (the segmenter's lock does).
@@ -36,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,34 +43,17 @@ VISION = "vision"
 SAM2 = "sam2"
 
 
-@dataclass
-class Session:
-    """What one :meth:`ImageWork.shared` block saw (see the module docstring)."""
-
-    seg_hidden_states: list[torch.Tensor] = field(default_factory=list)
-    _memos: dict[str, _Memo] = field(default_factory=dict)
-
-    def kept(self, site: str) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
-        """The last ``(args, kwargs, output)`` of ``site`` (``"vision"``/``"sam2"``) kept in
-        this block, or ``None``."""
-        memo = self._memos.get(site)
-        return None if memo is None else memo.kept
-
-
 class ImageWork:
     """Memos around a Sa2VA model's image-only functions (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._memos: dict[str, _Memo] = {}
-        self._session: Session | None = None
+        self._depth = 0
         self._undo: list[Callable[[], None]] = []
         for site, (owner, attr) in _sites(model).items():
             memo = _Memo(getattr(owner, attr))
             self._undo.append(shadow(owner, attr, memo))
             self._memos[site] = memo
-        fcs = getattr(model, "text_hidden_fcs", None)
-        if isinstance(fcs, torch.nn.Module):
-            self._undo.append(fcs.register_forward_pre_hook(self._on_seg_hidden).remove)
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -80,34 +61,34 @@ class ImageWork:
         return tuple(self._memos)
 
     @contextmanager
-    def shared(self) -> Iterator[Session]:
+    def shared(self) -> Iterator[None]:
         """Share image-only work between the calls in the block; dropped on exit."""
-        session = Session(_memos=self._memos)
-        self._session = session
+        self._depth += 1
         for memo in self._memos.values():
             memo.active = True
         try:
-            yield session
+            yield
         finally:
-            for memo in self._memos.values():
+            self._depth -= 1
+            for memo in self._memos.values() if self._depth == 0 else ():
                 memo.active = False
                 memo.kept = None
-            self._session = None
+
+    def kept(self, site: str) -> tuple[tuple[Any, ...], dict[str, Any], Any] | None:
+        """The last ``(args, kwargs, output)`` kept for ``site`` (``"vision"``/``"sam2"``)."""
+        memo = self._memos.get(site)
+        return None if memo is None else memo.kept
 
     def counts(self) -> dict[str, dict[str, int]]:
         """``{site: {"computed": n, "reused": m}}`` since construction."""
         return {s: {"computed": m.computed, "reused": m.reused} for s, m in self._memos.items()}
 
     def remove(self) -> None:
-        """Restore the model's own functions and remove the hook."""
+        """Restore the model's own functions."""
         for undo in reversed(self._undo):
             undo()
         self._undo = []
         self._memos = {}
-
-    def _on_seg_hidden(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if self._session is not None and args and isinstance(args[0], torch.Tensor):
-            self._session.seg_hidden_states.append(args[0].detach())
 
 
 class _Memo:

@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -187,15 +187,13 @@ class Sa2VASegmenter:
         with self._lock:
             if self._closed:
                 raise RuntimeError("Sa2VASegmenter called after close()")
-            with use_device(self._device), torch.inference_mode(), self._sharing():
+            sharing = self._image_work.shared() if self._share else nullcontext()
+            with use_device(self._device), torch.inference_mode(), sharing:
                 answers = [self._predict(pil_image, text) for text in texts]
         return [
             self._result(output, captures, image.shape[:2], model_image.shape[:2], flags)
             for output, captures, flags in answers
         ]
-
-    def _sharing(self) -> AbstractContextManager[Any]:
-        return self._image_work.shared() if self._share else nullcontext()
 
     def _predict(
         self, image: Image.Image, text: str

@@ -6,10 +6,17 @@ Three variants with the structure of the real remote code (see each file's docst
 - ``"qwen"``: bytedance/Sa2VA Qwen-VL-style ``Sa2VAChatModelQwen`` (asserts a processor);
 - ``"v1"``: magic-research/Sa2VA ``Sa2VAChatModel`` (config needs arguments, no ``processor``).
 
+The image-only sub-modules sit where upstream has them and count their runs (``calls``): the
+vision encoder (``model.vision_model`` behind ``model.extract_feature`` for v2 and v1;
+``model.model.model.visual``, also ``model.model.visual``, for Qwen) and SAM2's image encoder
+(``model.grounding_encoder.sam2_model.image_encoder`` behind ``forward_image``, reached through
+``_get_image_feature`` and the inference state's ``cached_features``); see ``tiny_lm.py`` and
+``sam2.py``.
+
 A folder has the layout of a downloaded checkpoint, so ``Sa2VASegmenter`` loads it through the
 same ``AutoModel/AutoTokenizer.from_pretrained(..., trust_remote_code=True)`` path, offline and
-in about a second. Give each variant its own folder name: transformers caches remote code by the
-folder's name.
+in about a second (the v1 folder only under transformers < 4.52, as upstream's;
+:func:`build_from_folder` builds any variant from its own code for tests of the model itself).
 """
 
 from __future__ import annotations
