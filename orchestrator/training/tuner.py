@@ -149,7 +149,8 @@ class StatusCallback(tune.Callback):
         return {"run_id": self.run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["run_id"])  # type: ignore[misc]
+        self.run_id = state["run_id"]
+        self._finished = set()  # a restored experiment reports its finished trials again
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         for finished in trials:
