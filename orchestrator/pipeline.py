@@ -408,6 +408,12 @@ def run(options: RunOptions) -> int:
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
+        if options.resume and paths.tune_dir.exists() and not paths.run_id.is_file():
+            raise UserError(
+                f"--resume: {paths.root} was started by an earlier sa2va-rl whose trials name "
+                "their workers instead of their run (it has no run_id file); this version "
+                "cannot resume its trials: start a new run with another --output"
+            )
         run_id = ensure_run_id(paths)
         names = [t.name for t in trials_for(config)]
         print(f"  run {run_id}, mode {config.mode}, backend {config.backend.name}, trials {names}")

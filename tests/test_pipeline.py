@@ -175,6 +175,9 @@ def test_resume_refuses_flags_that_contradict_the_run(tmp_path: Path, capsys) ->
     # Where it runs may change, and one folder spelled another way is the same folder.
     same = RunOptions(output=str(root), resume=True, num_cpus=1, cache_dir=f"{tmp_path}/x/../c")
     assert resolve_config(same, RunPaths(root)) == saved
+    (root / "tune").mkdir()  # Tune state of a version whose trials named their workers
+    assert main(["run", *resume]) == 2
+    assert "(it has no run_id file); this version cannot resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow

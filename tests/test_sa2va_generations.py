@@ -435,6 +435,7 @@ def test_with_a_runtime_env_the_driver_leaves_the_environment_to_the_workers(
 @pytest.mark.slow
 def test_segmentation_workers_run_in_the_backend_runtime_env(tmp_path: Path) -> None:
     from orchestrator.inference.pool import NAMESPACE, shutdown_workers
+    from orchestrator.run_id import new_run_id
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({
@@ -445,7 +446,7 @@ def test_segmentation_workers_run_in_the_backend_runtime_env(tmp_path: Path) -> 
     config = load_config(str(path))
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
-        names = pipeline.start_segmentation_workers(config, None)
+        names = pipeline.start_segmentation_workers(config, None, new_run_id())
         worker = ray.get_actor(names[0], namespace=NAMESPACE)
         probe = worker.__ray_call__.remote(lambda self: os.environ.get("SA2VA_RL_PROBE"))
         assert ray.get(probe) == "own"

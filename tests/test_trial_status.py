@@ -131,6 +131,8 @@ def test_a_sigkilled_awaited_trial_stops_the_waiting_trial_with_the_reason(
     try:
         run_id = new_run_id()
         status.start_board(run_id, str(tmp_path))
+        with pytest.raises(UserError, match=f"run {run_id} .* is already running on this Ray"):
+            status.start_board(run_id, str(tmp_path))  # a second driver of the same run
         specs = [
             _spec(name, tmp_path, run_id).to_param() for name in ("reward_net", "reward_guided")
         ]
@@ -150,7 +152,25 @@ def test_a_sigkilled_awaited_trial_stops_the_waiting_trial_with_the_reason(
         found = status.board(run_id).get("reward_net")
     finally:
         ray.shutdown()
-    assert found is not None and found.state == "FAILED"
-    assert found.reason.startswith("Tune: ") and "died" in found.reason
-    assert "the reward_net trial failed (Tune: " in errors["reward_guided"]
+    reason = "Tune: The actor died unexpectedly before finishing this task."
+    assert found == status.TrialStatus("FAILED", reason)
+    assert f"the reward_net trial failed ({reason})" in errors["reward_guided"]
     assert "so the reward_guided trial cannot go on" in errors["reward_guided"]
+
+
+def test_the_reason_is_the_line_of_the_error_that_says_what_happened() -> None:
+    from orchestrator.training.tuner import error_line
+
+    raised = (
+        "ray::ImplicitFunc.train() (pid=7, ip=10.0.0.1, actor_id=ab, repr=run_trial)\n"
+        '  File "trainable.py", line 57, in run_trial\n'
+        "models.errors.UserError: dataset path /x does not exist\n"
+    )
+    died = (
+        "The actor died unexpectedly before finishing this task.\n"
+        "\tclass_name: ImplicitFunc\n\tpid: 7\n"
+        "The actor is dead because its worker process has died. (3) The worker crashed.\n"
+    )
+    assert error_line(raised) == "models.errors.UserError: dataset path /x does not exist"
+    assert error_line(died) == "The actor died unexpectedly before finishing this task."
+    assert error_line("") == "its process ended without an error"

@@ -128,14 +128,25 @@ def host_locally(run_id: str, root: str) -> Board:
 
 def start_board(run_id: str, root: str) -> None:
     """Start the board of ``run_id`` as a named Ray actor (call on the driver after
-    ``ray.init``); it lives as long as this process (or until :func:`stop_board`)."""
+    ``ray.init``); it lives as long as this process (or until :func:`stop_board`). A board
+    of that run already on the cluster means the run is running: :class:`UserError`."""
     import ray
 
     from orchestrator.inference.transport import NAMESPACE
     from orchestrator.run_id import scoped
 
+    name = scoped(run_id, BOARD_NAME)
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        pass
+    else:
+        raise UserError(
+            f"run {run_id} ({root}) is already running on this Ray cluster (its actor {name!r} "
+            "exists): wait for it or stop it (`ray job stop`) before resuming it"
+        )
     actor = ray.remote(StatusBoard).options(
-        name=scoped(run_id, BOARD_NAME), namespace=NAMESPACE, num_cpus=0, max_restarts=0
+        name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=0
     )
     handle: Any = actor.remote(root)
     ray.get(handle.get.remote("-"), timeout=CALL_TIMEOUT_S)  # started, name registered

@@ -149,7 +149,8 @@ class StatusCallback(tune.Callback):
         return {"run_id": self.run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["run_id"])  # type: ignore[misc]
+        self.run_id = state["run_id"]
+        self._finished = set()  # a restored experiment reports its finished trials again
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         for finished in trials:
@@ -179,24 +180,34 @@ class StatusCallback(tune.Callback):
 
 
 def _last_error(trial: Trial) -> str:
-    """The last line of the trial's error as Tune recorded it (the exception's own line)."""
+    """One line of the trial's last error as Tune recorded it (:func:`error_line`)."""
     try:  # the driver's own copy, written before Tune calls back (storage may lag)
-        lines = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
     except OSError as err:
         return f"its error could not be read ({err})"
-    return lines[-1][:500] if lines else "its process ended without an error"
+    return error_line(text.rsplit("Failure # ", 1)[-1].partition("\n")[2] if text else "")
+
+
+def error_line(text: str) -> str:
+    """The line of a trial's error that says what happened: the exception's own line when the
+    trial raised (Ray's text starts ``ray::<task>`` and ends with it), else the first line
+    (Ray's words on a process that died, e.g. SIGKILL)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "its process ended without an error"
+    return (lines[-1] if lines[0].startswith("ray::") else lines[0])[:500]
 
 
 def outcomes(grid: tune.ResultGrid) -> list[TrialOutcome]:
-    """Every trial of Tune's ResultGrid as the later stages read it; prints the last line of
-    each errored trial's error."""
+    """Every trial of Tune's ResultGrid as the later stages read it; prints each errored
+    trial's :func:`error_line`."""
     found = []
     for index in range(len(grid)):
         result = grid[index]
         checkpoint = result.checkpoint
         if result.error is not None:
-            last = str(result.error).strip().splitlines() or ["(no error text)"]
-            print(f"  trial {(result.config or {}).get('trial')} ended in ERROR: {last[-1]}")
+            name = (result.config or {}).get("trial")
+            print(f"  trial {name} ended in ERROR: {error_line(str(result.error))}")
         found.append(
             TrialOutcome(
                 name=str((result.config or {})["trial"]),
