@@ -27,7 +27,10 @@ from pydantic import (
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, DEFAULT_PROMPT_SET, PROMPT_SETS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+CONFIG_DIR = Path(__file__).parent / "tune_configs"
+"""The shipped configs: ``orchestrator/tune_configs``, a link to the checkout's
+``tune_configs/`` and a real folder in an installed wheel (package data), so a plain
+``pip install .`` finds them as an editable install does."""
 Experiment = Literal["prompt", "postprocess", "reward"]
 EXPERIMENTS: tuple[Experiment, ...] = ("prompt", "postprocess", "reward")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from models.errors import UserError
-from orchestrator.config import RunConfig, config_to_dict, load_config, parse_config
+from orchestrator.config import CONFIG_DIR, RunConfig, config_to_dict, load_config, parse_config
 from orchestrator.data import PreparedData, prepare_data
 from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "experiments"
-DEFAULT_OUTPUT = "runs"
+DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"
 
 
 @dataclass
@@ -92,6 +92,13 @@ class StageClock:
 
 
 # --- the run directory ---------------------------------------------------------------------------
+def default_output(options: RunOptions) -> str:
+    """``runs/<mode>`` of the config the flags name (``--config``, else the quick config), so
+    ``--config tune_configs/full.yaml`` without ``--output`` writes ``runs/full``; with
+    ``--resume`` the same rule finds the run that command started."""
+    return f"runs/{load_config(options.config or DEFAULT_CONFIG, options.overrides()).mode}"
+
+
 def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
     """The run's config: the saved one when resuming (flags must not contradict it)."""
     if options.resume and paths.config.is_file():
@@ -111,8 +118,7 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
             f"--resume: {paths.root} holds no run to resume (no {paths.config.name}); "
             "start it without --resume"
         )
-    config_path = options.config or str(Path(__file__).parent.parent / "tune_configs/quick.yaml")
-    config = load_config(config_path, options.overrides())
+    config = load_config(options.config or DEFAULT_CONFIG, options.overrides())
     # Before the run directory exists: a fixed re-run may reuse it.
     check_model_source(config, local=options.address is None)
     if paths.root.exists() and any(paths.root.iterdir()):
@@ -338,7 +344,7 @@ def run(options: RunOptions) -> int:
     from orchestrator.training import tuner as tuning
 
     started = time.monotonic()
-    paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
+    paths = RunPaths(Path(options.output or default_output(options)).expanduser().resolve())
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
