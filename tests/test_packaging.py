@@ -25,7 +25,7 @@ def build_wheel(tmp_path: Path) -> Path:
         shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=ignore)
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
+    code = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"
     built = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "dist")],
         cwd=source,
