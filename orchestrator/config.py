@@ -80,8 +80,10 @@ class BackendConfig(_Section):
     """Sa2VA: local folder or hub id (a hub id needs ``revision``)."""
     revision: str | None = None
     """Sa2VA: pinned 40-hex commit of a hub id."""
-    model_size: Literal["1B", "4B", "8B", "26B"] = "4B"
-    """Sa2VA size, for the GPU memory plan (weights footprint)."""
+    model_size: Literal["1B", "4B", "8B", "26B"] | None = None
+    """Sa2VA size, for the GPU memory plan. The plan reads the weights from the model folder
+    (or a Hub id's cached snapshot) and refuses a size the folder contradicts; the declared
+    size is used only where the folder cannot be read (None there: 4B)."""
     device: str = "auto"
     """Sa2VA: auto or cuda (the current CUDA GPU), cuda:N, or cpu. Sa2VA needs CUDA: auto never
     falls back to the CPU; cpu must be asked for explicitly and is slow, for debugging with a

@@ -28,7 +28,7 @@ from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
 
 if TYPE_CHECKING:
-    from orchestrator.gpu.budget import GpuPlan
+    from orchestrator.gpu.budget import Footprint, GpuPlan
     from orchestrator.inference.client import SegmentationClient
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,31 @@ def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
         inventory = gpu_inventory.read_cluster_inventory()
     else:
         inventory = (gpu_inventory.read_local_node(),)
-    footprint = gb.footprint_for("sa2va", config.backend.model_size, config.gpu.model_gb)
+    footprint = worker_footprint(config)
     plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(config.gpu.margin_gb))
     plan.require_workers()
     return plan
+
+
+def worker_footprint(config: RunConfig) -> Footprint:
+    """A Sa2VA worker's footprint: the model folder's weights in the dtype the workers load
+    (``backend.model_size`` must agree with them), or the declared size where the files are
+    not on this machine (a Hub id not downloaded yet), which the plan then says."""
+    from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights
+    from orchestrator.gpu import budget as gb
+
+    backend = config.backend
+    model_path = backend_spec(config)[1]["model_path"]
+    checkpoint = read_model_weights(model_path, backend.revision)
+    if checkpoint is None:
+        print(
+            f"  GPU plan: the weights of {model_path} are not on this machine; planned "
+            f"as Sa2VA-{backend.model_size or '4B'} (backend.model_size)"
+        )
+    dtype = loaded_dtype(backend.device)
+    return gb.footprint_for(
+        "sa2va", backend.model_size, config.gpu.model_gb, checkpoint=checkpoint, dtype=dtype
+    )
 
 
 def start_ray(options: RunOptions, plan: GpuPlan | None) -> None:

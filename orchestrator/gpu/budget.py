@@ -39,7 +39,8 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from models.errors import UserError, option
 from orchestrator.gpu.inventory import (
@@ -50,6 +51,9 @@ from orchestrator.gpu.inventory import (
     gb_to_mb,
     mb_to_gb,
 )
+
+if TYPE_CHECKING:
+    from models.sa2va.checkpoint_size import CheckpointWeights
 
 GPU_MEM_RESOURCE = "gpu_mem_mb"
 """Ray custom resource: MB of GPU memory left for trials on the node's trial GPU."""
@@ -149,18 +153,76 @@ def custom_footprint(model_gb: float) -> Footprint:
     return Footprint(f"custom ({model_gb:g} GB)", "segmenter", gb_to_mb(model_gb))
 
 
-def footprint_for(backend: str, model_size: str = "4B", model_gb: float | None = None) -> Footprint:
-    """The worker footprint for a run config: ``backend`` ``frangi`` or ``sa2va``, Sa2VA's
-    ``model_size`` (``1B``/``4B``/``8B``/``26B``), ``model_gb`` overriding the table."""
+def footprint_for(
+    backend: str,
+    model_size: str | None = None,
+    model_gb: float | None = None,
+    checkpoint: CheckpointWeights | None = None,
+    dtype: str = "bfloat16",
+) -> Footprint:
+    """The worker footprint for a run config: ``backend`` ``frangi`` or ``sa2va``.
+
+    For Sa2VA the weights come from the ``checkpoint`` folder when it could be read, loaded in
+    ``dtype`` (:func:`checkpoint_footprint`); the table's ``model_size`` (``1B``/``4B``/``8B``/
+    ``26B``, default 4B) only when it could not. ``model_gb`` replaces the figures (all a worker
+    holds), but never below the checkpoint's own weights."""
+    if checkpoint is not None and backend != "frangi":
+        return checkpoint_footprint(checkpoint, dtype, model_size, model_gb)
     if model_gb is not None:
         return custom_footprint(model_gb)
-    key = "frangi" if backend == "frangi" else f"{backend}-{model_size.lower()}"
+    key = "frangi" if backend == "frangi" else f"{backend}-{(model_size or '4B').lower()}"
     if key not in FOOTPRINTS or FOOTPRINTS[key].kind != "segmenter":
         raise UserError(
             f"no GPU footprint for backend {backend!r} size {model_size!r}; "
             f"known: {', '.join(SEGMENTER_MODELS)}"
         )
     return FOOTPRINTS[key]
+
+
+def nearest_size(params_m: float) -> str:
+    """The Sa2VA size (``1B``/``4B``/``8B``/``26B``) whose parameter count is nearest to
+    ``params_m`` million (by ratio)."""
+    sized = {n: f.params_m for n, f in FOOTPRINTS.items() if n.startswith("sa2va-") and f.params_m}
+    name = min(sized, key=lambda n: abs(math.log(max(params_m, 1e-3) / sized[n])))
+    return name.removeprefix("sa2va-").upper()
+
+
+def checkpoint_footprint(
+    checkpoint: CheckpointWeights,
+    dtype: str,
+    model_size: str | None = None,
+    model_gb: float | None = None,
+) -> Footprint:
+    """A worker of the checkpoint read from its folder: its parameters in ``dtype`` as the
+    weights, and the activation figures of the Sa2VA size nearest to its parameter count.
+
+    Raises:
+        UserError: ``model_size`` declared but the folder is nearest another size (planned at
+            the declared size the workers could run out of memory, or waste GPUs), or
+            ``model_gb`` below the checkpoint's weights.
+    """
+    size = nearest_size(checkpoint.parameters / 1e6)
+    weights_mb = math.ceil(checkpoint.loaded_bytes(dtype) / 2**20)
+    where = f"the model folder {checkpoint.folder} holds {checkpoint.describe()}"
+    if model_size is not None and model_size.upper() != size:
+        raise UserError(
+            f"{option('model')} says {model_size}, but {where}: the size of Sa2VA-{size}, "
+            f"{weights_mb} MB of weights in {dtype}. The GPU plan reads the folder: drop the "
+            f"declared size, or set it to {size}."
+        )
+    if model_gb is not None and gb_to_mb(model_gb) < weights_mb:
+        raise UserError(
+            f"{option('model_gb')} is {model_gb:g} GB, but {where}, {weights_mb} MB of weights in "
+            f"{dtype} alone. Measure a worker again (weights and activations) or drop it."
+        )
+    if model_gb is not None:
+        return custom_footprint(model_gb)
+    table = FOOTPRINTS[f"sa2va-{size.lower()}"]
+    name = f"sa2va {checkpoint.parameters / 1e9:.2f}B ({Path(checkpoint.folder).name}, {dtype})"
+    params_m = round(checkpoint.parameters / 1e6)
+    return Footprint(
+        name, "segmenter", weights_mb, table.activation_mb, table.per_tile_mb, params_m
+    )
 
 
 @dataclass(frozen=True)
