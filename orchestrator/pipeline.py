@@ -298,6 +298,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
 
     from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
+    from orchestrator.inference.gpu_memory import MemoryShare
     from orchestrator.inference.pool import WorkerPlacement, start_workers
     from orchestrator.inference.worker import BackendSpec
 
@@ -309,12 +310,16 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
         count = cpu_worker_count(config.workers.cpu_workers, cpus)
         placements = [WorkerPlacement(options=options) for _ in range(count)]
     else:
+        on_gpu = config.backend.device != "cpu"
         placements = [
             WorkerPlacement(
                 num_gpus=1,
                 input_cap=slot.input_cap,
                 resources={gb.WORKER_SLOT_RESOURCE: 1.0},
                 options=options,
+                memory_share=(
+                    MemoryShare(plan.footprint.weights_mb, slot.worker_mb) if on_gpu else None
+                ),
             )
             for slot in plan.workers
         ]
@@ -354,7 +359,16 @@ def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedDat
         f"  {report.pairs} (image, prompt) pairs: {report.computed} computed, {report.cached} "
         f"cached; images per worker {list(report.images_per_worker)} ({report.shared} shared)"
     )
+    for line in gpu_memory_lines(client.stats()["workers"]):
+        print(f"  {line}")
     return len(ids)
+
+
+def gpu_memory_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """Each GPU worker's measured memory against the plan (none for CPU workers)."""
+    from orchestrator.inference.gpu_memory import describe
+
+    return [describe(w["gpu_memory"]) for w in workers if w.get("gpu_memory")]
 
 
 def run(options: RunOptions) -> int:
@@ -407,15 +421,19 @@ def run(options: RunOptions) -> int:
         with clock.stage("report", "summary and report"):
             from orchestrator.report import summary as report
 
+            inference = client.stats(union_pairs=True)
             facts = report.build_summary(
                 config,
                 prepared,
                 trials,
-                client.stats(union_pairs=True),
+                inference,
                 clock.seconds,
                 started,
                 client.backend_id,
             )
+            facts["gpu_memory"] = [
+                w["gpu_memory"] for w in inference["workers"] if w.get("gpu_memory")
+            ]
             write_json(paths.summary, facts)
             # The report is rebuilt from the files just written, exactly as `sa2va-rl report`
             # rebuilds it, so both give the same bytes.

@@ -22,7 +22,10 @@ CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend'
 in pixels) down to ``min_input_cap`` and retries the same request; below the floor the request
 fails with :class:`SegmentationOutOfMemoryError`. Both are counted (``oom_retries``,
 ``oom_failures``). Results computed under an OOM-lowered cap carry the flag
-``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation.
+``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation. A worker given
+its planned share of the GPU is capped at it, so exceeding the plan is such an OOM in this
+process and never another's, and reports what it measured against the plan
+(:mod:`orchestrator.inference.gpu_memory`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from orchestrator.inference.cache import (
     CacheKey,
     InferenceCache,
 )
+from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare
 from orchestrator.inference.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,8 @@ class SegmentationWorker:
         memory_cache_bytes: bound of the memory LRU.
         input_cap: initial longest-side cap for the backend (from the GPU plan), or ``None``.
         min_input_cap: floor of the OOM back-off.
+        memory_share: the worker's share of its GPU from the plan: the process is capped at it
+            and measured against it (:mod:`orchestrator.inference.gpu_memory`), or ``None``.
     """
 
     def __init__(
@@ -126,12 +132,16 @@ class SegmentationWorker:
         memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
         input_cap: int | None = None,
         min_input_cap: int = DEFAULT_MIN_INPUT_CAP,
+        memory_share: MemoryShare | None = None,
     ) -> None:
         self.name = name
         self._factory_description = describe_factory(backend_factory)
         restarts, in_ray = _record_incarnation(name, cache_dir)
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
+        self._memory = GpuMeter(name, memory_share)
+        self._memory.cap()
         self._backend = backend_factory()
+        self._memory.record_loaded()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
         self._model_lock = threading.Lock()
         self._min_input_cap = min_input_cap
@@ -246,6 +256,7 @@ class SegmentationWorker:
             memory_cache_entries=cache["memory_cache_entries"],
             memory_cache_bytes=cache["memory_cache_bytes"],
             pid=os.getpid(),
+            gpu_memory=self._memory.report(),
         )
         return snap
 
@@ -290,7 +301,8 @@ class SegmentationWorker:
         while True:
             start = time.perf_counter()
             try:
-                seg = self._backend.segment(image, prompt)
+                with self._memory.call():
+                    seg = self._backend.segment(image, prompt)
             except Exception as err:
                 if not _is_cuda_oom(err):
                     raise
