@@ -158,12 +158,16 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
     """Refuse, before Ray starts, a Sa2VA setup the workers would refuse (``models.sa2va.
     preflight``): no model, a missing folder, an unpinned Hub id, remote code this environment
     cannot load, or no CUDA. ``local=False`` (joining a cluster) skips the device check: the
-    driver's node may have no GPU. On a cluster the folder must exist at the same path on the
-    driver's node as on the GPU nodes."""
+    driver's node may have no GPU; ``cuda:N`` is refused there (the plan places the workers on
+    a cluster's GPUs, see ``budget.restrict_to_device``). On a cluster the folder must exist at
+    the same path on the driver's node as on the GPU nodes."""
     name, options = backend_spec(config)
     if name == "sa2va":
         from models.sa2va import preflight
+        from orchestrator.gpu.budget import refuse_pinned_gpu_on_cluster
 
+        if not local:
+            refuse_pinned_gpu_on_cluster(options["device"])
         try:
             preflight(
                 **{**options, "device": options["device"] if local else None},
@@ -190,6 +194,7 @@ def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
         inventory = gpu_inventory.read_cluster_inventory()
     else:
         inventory = (gpu_inventory.read_local_node(),)
+    inventory = gb.restrict_to_device(inventory, config.backend.device)
     footprint = worker_footprint(config)
     plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(config.gpu.margin_gb))
     plan.require_workers()
@@ -303,6 +308,8 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
     from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
+    if plan is not None:
+        backend_options["device"] = gb.worker_device(config.backend.device)
     runtime_env = config.backend.runtime_env
     options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:

@@ -474,6 +474,58 @@ def _plan_gpu(node: str, gpu: GpuInfo, footprint: Footprint, margin_mb: int) -> 
     return GpuSlot(node, gpu.gpu, gpu.total_mb, gpu.used_mb, worker_mb, cap, room - worker_mb)
 
 
+def pinned_gpu(device: str) -> int | None:
+    """N of ``backend.device: cuda:N``, else None (``auto``, ``cuda``, ``cpu``)."""
+    prefix, _, index = device.partition(":")
+    return int(index) if prefix == "cuda" and index.isdigit() else None
+
+
+def refuse_pinned_gpu_on_cluster(device: str) -> None:
+    """Raise :class:`UserError` for ``cuda:N`` in a run on a cluster: N names a GPU of one
+    machine, and there the plan places the workers."""
+    if pinned_gpu(device) is not None:
+        raise UserError(
+            f"backend.device {device!r} names one GPU of one machine, but this run plans the "
+            "GPUs of a cluster (--address, or several nodes in gpu.inventory), where a worker "
+            "goes on every GPU that fits. Use backend.device: auto (or cuda); to keep a GPU out "
+            "of the run, leave it out of CUDA_VISIBLE_DEVICES on its node."
+        )
+
+
+def restrict_to_device(
+    inventory: tuple[NodeInventory, ...], device: str
+) -> tuple[NodeInventory, ...]:
+    """What ``backend.device`` leaves of a one-node inventory for ``run``: every GPU, or for
+    ``cuda:N`` only the N-th GPU it lists (nvidia-smi's order among those
+    ``CUDA_VISIBLE_DEVICES`` shows), so that N means the same GPU in the driver and in the
+    worker, which sees only its own GPU (as ``cuda``: :func:`worker_device`).
+
+    Raises:
+        UserError: ``cuda:N`` with several nodes, or N beyond the node's GPUs.
+    """
+    index = pinned_gpu(device)
+    if index is None:
+        return inventory
+    if len(inventory) != 1:
+        refuse_pinned_gpu_on_cluster(device)
+    (node,) = inventory
+    if not node.gpus:
+        return inventory  # the plan says that no GPU was found
+    if index >= len(node.gpus):
+        raise UserError(
+            f"backend.device {device!r}: {node.node} has {len(node.gpus)} GPU(s) (cuda:0.."
+            f"cuda:{len(node.gpus) - 1} in nvidia-smi's order among those CUDA_VISIBLE_DEVICES "
+            "shows). Name one of them, or use auto to plan a worker on every GPU that fits."
+        )
+    return (NodeInventory(node.node, (node.gpus[index],), node.note),)
+
+
+def worker_device(device: str) -> str:
+    """``backend.device`` as a worker on a planned GPU gives it to Sa2VA: Ray shows the worker
+    only its own GPU, so the plan's ``cuda:N`` is ``cuda`` there."""
+    return "cuda" if pinned_gpu(device) is not None else device
+
+
 def worker_actor_options() -> dict[str, Any]:
     """Ray options for a segmentation worker actor on a planned GPU: a whole Ray GPU (so Ray
     sets its ``CUDA_VISIBLE_DEVICES`` to one planned GPU), one worker slot, no CPU held."""

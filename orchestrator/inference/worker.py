@@ -140,7 +140,15 @@ class SegmentationWorker:
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
         self._memory = GpuMeter(name, memory_share)
         self._memory.cap()
-        self._backend = backend_factory()
+        self._refusal: UserError | None = None
+        try:
+            self._backend = backend_factory()
+        except UserError as err:
+            # Raised here, Ray would report an ActorDiedError whose text is a traceback; kept,
+            # it reaches start_workers, and the user, as itself (see factory_description).
+            log.error("%s: the backend refused to load: %s", name, err)
+            self._refusal = err
+            return
         self._memory.record_loaded()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
         self._model_lock = threading.Lock()
@@ -158,11 +166,19 @@ class SegmentationWorker:
 
     def backend_id(self) -> str:
         """The backend's id as configured (before any OOM lowered its input cap)."""
+        self._raise_refusal()
         return self._configured_id
 
     def factory_description(self) -> str:
-        """What built the backend (``start_workers`` compares it when it reuses a worker)."""
+        """What built the backend (``start_workers`` compares it when it reuses a worker, and
+        waits on it: a worker whose backend refused to load, e.g. a device it does not have,
+        raises that :class:`UserError` here and serves nothing)."""
+        self._raise_refusal()
         return self._factory_description
+
+    def _raise_refusal(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
 
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """The segmentation of ``image`` (uint8 HxWx3) for ``prompt``, cached."""
