@@ -2,7 +2,9 @@
 
 Ray counts GPUs, not GPU memory, and Ray 2.60 ships no GPU-memory resource. So the orchestrator
 plans memory itself, from an inventory (per node and GPU: total and used memory, read with NVML
-by :mod:`orchestrator.gpu.inventory` or declared as ``--inventory``) and a footprint table:
+by :mod:`orchestrator.gpu.inventory` or declared as ``--inventory``) and a worker's footprint:
+its weights read from the checkpoint folder (:func:`checkpoint_footprint`; the table's
+``model_size`` only where the folder cannot be read) and the table's activation figures:
 
 1. at most one segmentation worker per GPU, on every GPU where its weights, its activations at
    the smallest input cap and the safety margin fit in the free memory; its ``input_cap``
@@ -124,10 +126,12 @@ def _sa2va(size: str, vlm_params_m: int, activation_mb: int, per_tile_mb: int) -
 
 
 # Parameter counts: the InternVL2.5 base models (1B: 938 M, 4B: 3.71 B, 8B: 8.08 B, 26B: 25.5 B,
-# from their model cards) plus SAM2. Activation allowances are estimates, not measurements: CUDA
-# context (~0.5 GB), SAM2 at 1024 px and a short generation at one tile; per extra tile the KV
-# cache of 256 visual tokens and the vision encoder's transient memory. Warm-up measurements
-# should replace them.
+# from their model cards) plus SAM2; a run takes the weights from the checkpoint folder instead
+# (checkpoint_footprint) and these only where the files cannot be read. Activation allowances
+# are estimates: CUDA context (~0.5 GB), SAM2 at 1024 px and a short generation at one tile; per
+# extra tile the KV cache of 256 visual tokens and the vision encoder's transient memory. Every
+# GPU worker measures its own figures and reports them beside these (summary.json's
+# gpu_memory, orchestrator/inference/gpu_memory.py; benchmarks/bench_sa2va.py on one GPU).
 FOOTPRINTS: Mapping[str, Footprint] = {
     "frangi": Footprint("frangi", "segmenter", 0, needs_gpu=False),
     "sa2va-1b": _sa2va("1b", 938, activation_mb=1024, per_tile_mb=32),
