@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from models.errors import UserError
-from models.sa2va.checkpoint_size import loaded_dtype, read_weights
+from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights, read_weights
 from orchestrator import cli
 from orchestrator.commands.words import CONFIG_WORDS
 from orchestrator.config import parse_config
@@ -139,3 +139,21 @@ def test_plan_command_reads_the_folder(
     assert plan["nodes"][0]["gpus"][0]["worker_mb"] == 19030
     assert cli.main([*args, "--model", "sa2va-4b"]) == cli.EXIT_USER_ERROR
     assert "sa2va-rl plan: error: --model says 4b, but the model folder" in capsys.readouterr().err
+
+
+def test_a_hub_ids_cached_snapshot_is_read(
+    folder_8b: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    asked: list[tuple[str, str, str | None]] = []
+
+    def cached(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+        asked.append((repo_id, filename, revision))
+        return str(folder_8b / filename) if revision == "c" * 40 else None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", cached)
+    weights = read_model_weights("ByteDance/Sa2VA-8B", "c" * 40)
+    assert weights is not None and weights.parameters == PARAMS_8B
+    assert read_model_weights("ByteDance/Sa2VA-8B", "d" * 40) is None
+    assert asked[0] == ("ByteDance/Sa2VA-8B", "config.json", "c" * 40)

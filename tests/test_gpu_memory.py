@@ -19,6 +19,7 @@ import pytest
 import torch
 from fakes import FakeSegmenter
 
+from models.errors import UserError
 from models.segmentation import Segmentation
 from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare, describe
 from orchestrator.inference.stats import aggregate_stats
@@ -180,3 +181,16 @@ def test_without_a_share_or_cuda_nothing_is_capped_or_reported(
     with meter.call():
         pass
     assert (meter.active, meter.report()) == (False, None)
+
+
+def test_a_model_too_big_for_its_share_is_refused_while_loading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda = FakeCuda(10000)
+    cuda.install(monkeypatch)
+    w = worker(cuda, 1300)  # over the 1200 MB cap: the load itself runs out of memory
+    for ready in (w.factory_description, w.backend_id):
+        with pytest.raises(UserError, match=r"^w0: out of GPU memory while loading the backend"):
+            ready()
+    with pytest.raises(UserError, match="capped at its planned share of 1200 MB"):
+        w.factory_description()

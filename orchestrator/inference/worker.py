@@ -143,11 +143,11 @@ class SegmentationWorker:
         self._refusal: UserError | None = None
         try:
             self._backend = backend_factory()
-        except UserError as err:
+        except Exception as err:
             # Raised here, Ray would report an ActorDiedError whose text is a traceback; kept,
             # it reaches start_workers, and the user, as itself (see factory_description).
-            log.error("%s: the backend refused to load: %s", name, err)
-            self._refusal = err
+            self._refusal = self._load_refusal(err)
+            log.error("%s: the backend refused to load: %s", name, self._refusal)
             return
         self._memory.record_loaded()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
@@ -179,6 +179,20 @@ class SegmentationWorker:
     def _raise_refusal(self) -> None:
         if self._refusal is not None:
             raise self._refusal
+
+    def _load_refusal(self, err: Exception) -> UserError:
+        """What a user is told when loading failed: a refusal as it is, an OOM under the
+        planned share as such; anything else is a bug and is raised."""
+        if isinstance(err, UserError):
+            return err
+        share = self._memory.share
+        if share is None or not _is_cuda_oom(err):
+            raise err
+        return UserError(
+            f"{self.name}: out of GPU memory while loading the backend, capped at its planned "
+            f"share of {share.worker_mb} MB (weights {share.weights_mb} MB). Plan what a worker "
+            f"really takes with gpu.model_gb, or free the GPU. ({err})"
+        )
 
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """The segmentation of ``image`` (uint8 HxWx3) for ``prompt``, cached."""
