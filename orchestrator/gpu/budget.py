@@ -222,7 +222,9 @@ def checkpoint_footprint(
     if model_gb is not None:
         return custom_footprint(model_gb)
     table = FOOTPRINTS[f"sa2va-{size.lower()}"]
-    name = f"sa2va {checkpoint.parameters / 1e9:.2f}B ({Path(checkpoint.folder).name}, {dtype})"
+    count = checkpoint.parameters
+    size_text = f"{count / 1e9:.2f}B" if count >= 10**8 else f"{count:,} parameters"
+    name = f"sa2va {size_text} ({Path(checkpoint.folder).name}, {dtype})"
     params_m = round(checkpoint.parameters / 1e6)
     return Footprint(
         name, "segmenter", weights_mb, table.activation_mb, table.per_tile_mb, params_m
