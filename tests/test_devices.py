@@ -80,7 +80,7 @@ def test_a_planned_worker_loads_on_its_only_gpu(
     monkeypatch.setattr("orchestrator.inference.pool.start_workers", start_workers)
     run_config = config(folder_4b, "cuda:1")
     plan = pipeline.gpu_plan(run_config, None)
-    assert pipeline.start_segmentation_workers(run_config, plan) == ["w0"]
+    assert pipeline.start_segmentation_workers(run_config, plan, "run-a") == ["w0"]
     assert started["factory"].options["device"] == "cuda"
     (placement,) = started["placements"]
     assert (placement.num_gpus, placement.input_cap) == (1, 1024)
@@ -97,7 +97,7 @@ def test_a_planned_worker_loads_on_its_only_gpu(
 def ray_session() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -118,7 +118,7 @@ def test_a_workers_refusal_reaches_the_user_as_its_message(
         }
     )
     with pytest.raises(UserError) as refused:
-        pipeline.start_segmentation_workers(run_config, None)
+        pipeline.start_segmentation_workers(run_config, None, "run-refused")
     message = refused.value.in_words({})
     assert message.startswith("Sa2VA needs a CUDA GPU, and device 'cuda:0' found none")
     assert "Traceback" not in message and "ActorDiedError" not in message
