@@ -18,8 +18,8 @@ RUN apt-get update \
 USER ray
 
 # The project with the extras Sa2VA's remote code imports, plus TensorBoard to view the runs.
-# Installed in place (-e): the shipped tune_configs/ stay next to the code, where `sa2va-rl run`
-# looks for its default config (a plain install would leave them out of site-packages).
+# Installed in place (-e), so the image runs the files copied here; orchestrator/tune_configs
+# links to the copied tune_configs/ (a plain install would ship them inside the package).
 WORKDIR /home/ray/sa2va-rl
 COPY --chown=ray:users setup.cfg pyproject.toml README* ./
 COPY --chown=ray:users orchestrator ./orchestrator

@@ -8,12 +8,13 @@ Run (from the repository root, on a CUDA machine with the weights)::
 It loads the folder as a run does (preflight, then ``Sa2VASegmenter``), segments ``--images``
 synthetic angiograms of ``--size`` px (one warm-up call first, not counted) and prints:
 
-- load time (s) and GPU memory allocated after loading (MiB): the *weights* line of the GPU
-  plan's footprint table (``orchestrator/gpu_budget.py``, ``FOOTPRINTS["sa2va-<size>"]``);
-- per call: latency (ms) and the peak GPU memory above the loaded model (MiB): the
-  *activation* line of that table (the table's figure also covers the CUDA context, which
-  ``torch.cuda`` does not count: compare with ``nvidia-smi``);
-- the footprint table's current entry for ``--model-size`` next to the measured figures.
+- load time (s) and GPU memory allocated after loading (MiB): the *weights* of the GPU plan,
+  which ``run`` reads from the folder (``orchestrator/gpu/budget.py``, ``checkpoint_footprint``);
+- per call: latency (ms) and the peak GPU memory above the loaded model (MiB): the plan's
+  *activation* figure (which also covers the CUDA context, which ``torch.cuda`` does not count:
+  compare with ``nvidia-smi``);
+- the plan's figures for this folder (``--model-size`` declared must agree) next to the
+  measured ones: what a worker measures and reports in ``summary.json``'s ``gpu_memory``.
 
 ``--device cpu`` works only with a model whose code does not hard-code CUDA (the tests' tiny
 fixture: ``python benchmarks/bench_sa2va.py --model <fixture folder> --device cpu``); it then
@@ -58,8 +59,9 @@ from envs.synthetic import generate_samples
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
 from models.sa2va import Sa2VASegmenter, preflight
+from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights
 from models.segmentation import Segmentation
-from orchestrator.gpu.budget import FOOTPRINTS
+from orchestrator.gpu.budget import footprint_for
 
 MIB = 2**20
 
@@ -76,7 +78,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512, help="synthetic image side (px)")
     parser.add_argument("--input-cap", type=int, default=None, help="longest side fed in")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--model-size", default="4b", choices=["1b", "4b", "8b", "26b"])
+    parser.add_argument("--model-size", default=None, choices=["1B", "4B", "8B", "26B"])
     args = parser.parse_args()
     if args.fixtures:
         return compare_on_fixtures(args)
@@ -84,6 +86,9 @@ def main() -> int:
         parser.error("--model is required (or --fixtures)")
     try:
         checkpoint = preflight(args.model, device=args.device)
+        dtype = args.dtype or loaded_dtype(args.device)
+        weights = read_model_weights(args.model)
+        plan = footprint_for("sa2va", args.model_size, checkpoint=weights, dtype=dtype)
         cuda = torch.cuda.is_available() and args.device != "cpu"
         start = time.perf_counter()
         seg = Sa2VASegmenter(
@@ -126,12 +131,11 @@ def main() -> int:
         f"latency median {statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms "
         f"({args.size}x{args.size} px, input cap {args.input_cap})"
     )
-    table = FOOTPRINTS[f"sa2va-{args.model_size}"]
     if peaks:
         print(
             f"footprint measured: weights {loaded_mib:,.0f} MiB + activation {max(peaks):,.0f} "
-            f"MiB (+ CUDA context); table sa2va-{args.model_size}: weights "
-            f"{table.weights_mb:,} MB + activation {table.activation_mb:,} MB"
+            f"MiB (+ CUDA context); planned ({plan.name}): weights {plan.weights_mb:,} MB + "
+            f"activation {plan.activation_mb:,} MB (+ {plan.per_tile_mb} MB per tile beyond one)"
         )
     seg.close()
     return 0

@@ -27,7 +27,10 @@ from pydantic import (
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, DEFAULT_PROMPT_SET, PROMPT_SETS
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+CONFIG_DIR = Path(__file__).parent / "tune_configs"
+"""The shipped configs: ``orchestrator/tune_configs``, a link to the checkout's
+``tune_configs/`` and a real folder in an installed wheel (package data), so a plain
+``pip install .`` finds them as an editable install does."""
 Experiment = Literal["prompt", "postprocess", "reward"]
 EXPERIMENTS: tuple[Experiment, ...] = ("prompt", "postprocess", "reward")
 
@@ -77,8 +80,10 @@ class BackendConfig(_Section):
     """Sa2VA: local folder or hub id (a hub id needs ``revision``)."""
     revision: str | None = None
     """Sa2VA: pinned 40-hex commit of a hub id."""
-    model_size: Literal["1B", "4B", "8B", "26B"] = "4B"
-    """Sa2VA size, for the GPU memory plan (weights footprint)."""
+    model_size: Literal["1B", "4B", "8B", "26B"] | None = None
+    """Sa2VA size, for the GPU memory plan. The plan reads the weights from the model folder
+    (or a Hub id's cached snapshot) and refuses a size the folder contradicts; the declared
+    size is used only where the folder cannot be read (None there: 4B)."""
     device: str = "auto"
     """Sa2VA: auto or cuda (the current CUDA GPU), cuda:N, or cpu. Sa2VA needs CUDA: auto never
     falls back to the CPU; cpu must be asked for explicitly and is slow, for debugging with a

@@ -23,6 +23,7 @@ import yaml
 
 from models.errors import UserError
 from orchestrator.config import (
+    CONFIG_DIR,
     RunConfig,
     config_to_dict,
     load_config,
@@ -34,13 +35,13 @@ from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
 
 if TYPE_CHECKING:
-    from orchestrator.gpu.budget import GpuPlan
+    from orchestrator.gpu.budget import Footprint, GpuPlan
     from orchestrator.inference.client import SegmentationClient
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "experiments"
-DEFAULT_OUTPUT = "runs"
+DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"
 RESUME_MAY_CHANGE = ("--num-cpus", "--address", "--no-dashboard")
 """Flags a resumed run may give differently: where and on what it runs, not what it computes
 (fewer CPUs mean fewer CPU workers; the trials find whatever workers the resume started)."""
@@ -103,6 +104,13 @@ class StageClock:
 
 
 # --- the run directory ---------------------------------------------------------------------------
+def default_output(options: RunOptions) -> str:
+    """``runs/<mode>`` of the config the flags name (``--config``, else the quick config), so
+    ``--config tune_configs/full.yaml`` without ``--output`` writes ``runs/full``; with
+    ``--resume`` the same rule finds the run that command started."""
+    return f"runs/{load_config(options.config or DEFAULT_CONFIG, options.overrides()).mode}"
+
+
 def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
     """The run's config: the saved one when resuming (flags must not contradict it,
     :func:`check_resume_flags`)."""
@@ -116,8 +124,7 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
             f"--resume: {paths.root} holds no run to resume (no {paths.config.name}); "
             "start it without --resume"
         )
-    config_path = options.config or str(Path(__file__).parent.parent / "tune_configs/quick.yaml")
-    config = load_config(config_path, options.overrides())
+    config = load_config(options.config or DEFAULT_CONFIG, options.overrides())
     # Before the run directory exists: a fixed re-run may reuse it.
     check_model_source(config, local=options.address is None)
     if paths.root.exists() and any(paths.root.iterdir()):
@@ -196,12 +203,16 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
     """Refuse, before Ray starts, a Sa2VA setup the workers would refuse (``models.sa2va.
     preflight``): no model, a missing folder, an unpinned Hub id, remote code this environment
     cannot load, or no CUDA. ``local=False`` (joining a cluster) skips the device check: the
-    driver's node may have no GPU. On a cluster the folder must exist at the same path on the
-    driver's node as on the GPU nodes."""
+    driver's node may have no GPU; ``cuda:N`` is refused there (the plan places the workers on
+    a cluster's GPUs, see ``budget.restrict_to_device``). On a cluster the folder must exist at
+    the same path on the driver's node as on the GPU nodes."""
     name, options = backend_spec(config)
     if name == "sa2va":
         from models.sa2va import preflight
+        from orchestrator.gpu.budget import refuse_pinned_gpu_on_cluster
 
+        if not local:
+            refuse_pinned_gpu_on_cluster(options["device"])
         try:
             preflight(
                 options["model_path"],
@@ -231,10 +242,32 @@ def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
         inventory = gpu_inventory.read_cluster_inventory()
     else:
         inventory = (gpu_inventory.read_local_node(),)
-    footprint = gb.footprint_for("sa2va", config.backend.model_size, config.gpu.model_gb)
+    inventory = gb.restrict_to_device(inventory, config.backend.device)
+    footprint = worker_footprint(config)
     plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(config.gpu.margin_gb))
     plan.require_workers()
     return plan
+
+
+def worker_footprint(config: RunConfig) -> Footprint:
+    """A Sa2VA worker's footprint: the model folder's weights in the dtype the workers load
+    (``backend.model_size`` must agree with them), or the declared size where the files are
+    not on this machine (a Hub id not downloaded yet), which the plan then says."""
+    from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights
+    from orchestrator.gpu import budget as gb
+
+    backend = config.backend
+    model_path = backend_spec(config)[1]["model_path"]
+    checkpoint = read_model_weights(model_path, backend.revision)
+    if checkpoint is None:
+        print(
+            f"  GPU plan: the weights of {model_path} are not on this machine; planned "
+            f"as Sa2VA-{backend.model_size or '4B'} (backend.model_size)"
+        )
+    dtype = loaded_dtype(backend.device)
+    return gb.footprint_for(
+        "sa2va", backend.model_size, config.gpu.model_gb, checkpoint=checkpoint, dtype=dtype
+    )
 
 
 def start_ray(options: RunOptions, plan: GpuPlan | None) -> None:
@@ -319,6 +352,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
 
     from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
+    from orchestrator.inference.gpu_memory import MemoryShare
     from orchestrator.inference.pool import (
         WorkerPlacement,
         pool_input_cap,
@@ -328,6 +362,8 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
     from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
+    if plan is not None:
+        backend_options["device"] = gb.worker_device(config.backend.device)
     runtime_env = config.backend.runtime_env
     options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:
@@ -335,12 +371,16 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
         count = cpu_worker_count(config.workers.cpu_workers, cpus)
         placements = [WorkerPlacement(options=options) for _ in range(count)]
     else:
+        on_gpu = config.backend.device != "cpu"
         placements = [
             WorkerPlacement(
                 num_gpus=1,
                 input_cap=slot.input_cap,
                 resources={gb.WORKER_SLOT_RESOURCE: 1.0},
                 options=options,
+                memory_share=(
+                    MemoryShare(plan.footprint.weights_mb, slot.worker_mb) if on_gpu else None
+                ),
             )
             for slot in plan.workers
         ]
@@ -387,7 +427,16 @@ def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedDat
         f"  {report.pairs} (image, prompt) pairs: {report.computed} computed, {report.cached} "
         f"cached; images per worker {list(report.images_per_worker)} ({report.shared} shared)"
     )
+    for line in gpu_memory_lines(client.stats()["workers"]):
+        print(f"  {line}")
     return len(ids)
+
+
+def gpu_memory_lines(workers: list[dict[str, Any]]) -> list[str]:
+    """Each GPU worker's measured memory against the plan (none for CPU workers)."""
+    from orchestrator.inference.gpu_memory import describe
+
+    return [describe(w["gpu_memory"]) for w in workers if w.get("gpu_memory")]
 
 
 def run(options: RunOptions) -> int:
@@ -404,7 +453,7 @@ def run(options: RunOptions) -> int:
     from orchestrator.training.trial_status import start_board
 
     started = time.monotonic()
-    paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
+    paths = RunPaths(Path(options.output or default_output(options)).expanduser().resolve())
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
@@ -454,15 +503,19 @@ def run(options: RunOptions) -> int:
         with clock.stage("report", "summary and report"):
             from orchestrator.report import summary as report
 
+            inference = client.stats(union_pairs=True)
             facts = report.build_summary(
                 config,
                 prepared,
                 trials,
-                client.stats(union_pairs=True),
+                inference,
                 clock.seconds,
                 started,
                 client.backend_id,
             )
+            facts["gpu_memory"] = [
+                w["gpu_memory"] for w in inference["workers"] if w.get("gpu_memory")
+            ]
             write_json(paths.summary, facts)
             # The report is rebuilt from the files just written, exactly as `sa2va-rl report`
             # rebuilds it, so both give the same bytes.

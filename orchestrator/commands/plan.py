@@ -10,6 +10,7 @@ builds the same plan and refuses an infeasible one before loading anything.
 Example (the original 4 x 24 GB box, partly used by other jobs)::
 
     sa2va-rl plan --inventory 24:7.5,24:9.5,24:9.6,24:18.3 --model sa2va-4b
+    sa2va-rl plan --inventory 24:7.5,24:9.5,24:9.6,24:18.3 --model-path /models/Sa2VA-8B
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ADDR",
         help="read NVML on every node of this running Ray cluster (e.g. auto) instead of here",
     )
+    parser.add_argument(
+        "--model-path",
+        metavar="DIR",
+        help="a Sa2VA model folder: plan its weights as read from the folder (bfloat16, as the "
+        "workers load them); a --model given too must agree with them",
+    )
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
         "--model",
         choices=gb.SEGMENTER_MODELS,
-        default=DEFAULT_MODEL,
         help=f"segmentation backend whose footprint to plan (default {DEFAULT_MODEL})",
     )
     model.add_argument(
@@ -92,11 +98,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the plan, print it, exit 2 (PlanError) when no worker fits."""
     if args.margin_gb < 0:
         raise UserError(f"--margin-gb must be >= 0, got {args.margin_gb:g}")
-    footprint = (
-        gb.custom_footprint(args.model_gb)
-        if args.model_gb is not None
-        else gb.FOOTPRINTS[args.model]
-    )
+    footprint = _footprint(args)
     inventory = _read_inventory(args)
     plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(args.margin_gb))
     if not plan.has_gpus:
@@ -111,6 +113,22 @@ def run(args: argparse.Namespace) -> int:
             print(format_ray_start(plan))
     plan.require_workers()
     return 0
+
+
+def _footprint(args: argparse.Namespace) -> gb.Footprint:
+    if args.model_path is not None:
+        from models.sa2va.checkpoint_size import read_model_weights
+
+        checkpoint = read_model_weights(args.model_path)
+        if checkpoint is None:
+            raise UserError(f"--model-path {args.model_path}: no weight files found there")
+        size = args.model.removeprefix("sa2va-") if args.model else None
+        if size == "frangi":
+            raise UserError("--model frangi and --model-path: the folder is a Sa2VA model")
+        return gb.checkpoint_footprint(checkpoint, "bfloat16", size, args.model_gb)
+    if args.model_gb is not None:
+        return gb.custom_footprint(args.model_gb)
+    return gb.FOOTPRINTS[args.model or DEFAULT_MODEL]
 
 
 def _read_inventory(args: argparse.Namespace) -> tuple[gpu_inventory.NodeInventory, ...]:

@@ -43,8 +43,6 @@ from orchestrator.commands.words import CONFIG_WORDS
 if TYPE_CHECKING:
     from orchestrator.pipeline import RunOptions
 
-DEFAULT_OUTPUT = "runs/quick"
-
 OPTION_WORDS = CONFIG_WORDS
 """How errors name settings for this command (see :mod:`orchestrator.commands.words`)."""
 
@@ -87,9 +85,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output",
         metavar="DIR",
-        default=DEFAULT_OUTPUT,
         help="run directory: summary.json, report.md, plots, split manifest, resolved config, "
-        "Tune experiment (default: %(default)s)",
+        "Tune experiment (default: runs/<the config's mode>: runs/quick, runs/smoke, runs/full)",
     )
     parser.add_argument(
         "--address",

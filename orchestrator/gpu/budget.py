@@ -2,7 +2,9 @@
 
 Ray counts GPUs, not GPU memory, and Ray 2.60 ships no GPU-memory resource. So the orchestrator
 plans memory itself, from an inventory (per node and GPU: total and used memory, read with NVML
-by :mod:`orchestrator.gpu.inventory` or declared as ``--inventory``) and a footprint table:
+by :mod:`orchestrator.gpu.inventory` or declared as ``--inventory``) and a worker's footprint:
+its weights read from the checkpoint folder (:func:`checkpoint_footprint`; the table's
+``model_size`` only where the folder cannot be read) and the table's activation figures:
 
 1. at most one segmentation worker per GPU, on every GPU where its weights, its activations at
    the smallest input cap and the safety margin fit in the free memory; its ``input_cap``
@@ -39,7 +41,8 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from models.errors import UserError, option
 from orchestrator.gpu.inventory import (
@@ -50,6 +53,9 @@ from orchestrator.gpu.inventory import (
     gb_to_mb,
     mb_to_gb,
 )
+
+if TYPE_CHECKING:
+    from models.sa2va.checkpoint_size import CheckpointWeights
 
 GPU_MEM_RESOURCE = "gpu_mem_mb"
 """Ray custom resource: MB of GPU memory left for trials on the node's trial GPU."""
@@ -120,10 +126,12 @@ def _sa2va(size: str, vlm_params_m: int, activation_mb: int, per_tile_mb: int) -
 
 
 # Parameter counts: the InternVL2.5 base models (1B: 938 M, 4B: 3.71 B, 8B: 8.08 B, 26B: 25.5 B,
-# from their model cards) plus SAM2. Activation allowances are estimates, not measurements: CUDA
-# context (~0.5 GB), SAM2 at 1024 px and a short generation at one tile; per extra tile the KV
-# cache of 256 visual tokens and the vision encoder's transient memory. Warm-up measurements
-# should replace them.
+# from their model cards) plus SAM2; a run takes the weights from the checkpoint folder instead
+# (checkpoint_footprint) and these only where the files cannot be read. Activation allowances
+# are estimates: CUDA context (~0.5 GB), SAM2 at 1024 px and a short generation at one tile; per
+# extra tile the KV cache of 256 visual tokens and the vision encoder's transient memory. Every
+# GPU worker measures its own figures and reports them beside these (summary.json's
+# gpu_memory, orchestrator/inference/gpu_memory.py; benchmarks/bench_sa2va.py on one GPU).
 FOOTPRINTS: Mapping[str, Footprint] = {
     "frangi": Footprint("frangi", "segmenter", 0, needs_gpu=False),
     "sa2va-1b": _sa2va("1b", 938, activation_mb=1024, per_tile_mb=32),
@@ -149,18 +157,78 @@ def custom_footprint(model_gb: float) -> Footprint:
     return Footprint(f"custom ({model_gb:g} GB)", "segmenter", gb_to_mb(model_gb))
 
 
-def footprint_for(backend: str, model_size: str = "4B", model_gb: float | None = None) -> Footprint:
-    """The worker footprint for a run config: ``backend`` ``frangi`` or ``sa2va``, Sa2VA's
-    ``model_size`` (``1B``/``4B``/``8B``/``26B``), ``model_gb`` overriding the table."""
+def footprint_for(
+    backend: str,
+    model_size: str | None = None,
+    model_gb: float | None = None,
+    checkpoint: CheckpointWeights | None = None,
+    dtype: str = "bfloat16",
+) -> Footprint:
+    """The worker footprint for a run config: ``backend`` ``frangi`` or ``sa2va``.
+
+    For Sa2VA the weights come from the ``checkpoint`` folder when it could be read, loaded in
+    ``dtype`` (:func:`checkpoint_footprint`); the table's ``model_size`` (``1B``/``4B``/``8B``/
+    ``26B``, default 4B) only when it could not. ``model_gb`` replaces the figures (all a worker
+    holds), but never below the checkpoint's own weights."""
+    if checkpoint is not None and backend != "frangi":
+        return checkpoint_footprint(checkpoint, dtype, model_size, model_gb)
     if model_gb is not None:
         return custom_footprint(model_gb)
-    key = "frangi" if backend == "frangi" else f"{backend}-{model_size.lower()}"
+    key = "frangi" if backend == "frangi" else f"{backend}-{(model_size or '4B').lower()}"
     if key not in FOOTPRINTS or FOOTPRINTS[key].kind != "segmenter":
         raise UserError(
             f"no GPU footprint for backend {backend!r} size {model_size!r}; "
             f"known: {', '.join(SEGMENTER_MODELS)}"
         )
     return FOOTPRINTS[key]
+
+
+def nearest_size(params_m: float) -> str:
+    """The Sa2VA size (``1B``/``4B``/``8B``/``26B``) whose parameter count is nearest to
+    ``params_m`` million (by ratio)."""
+    sized = {n: f.params_m for n, f in FOOTPRINTS.items() if n.startswith("sa2va-") and f.params_m}
+    name = min(sized, key=lambda n: abs(math.log(max(params_m, 1e-3) / sized[n])))
+    return name.removeprefix("sa2va-").upper()
+
+
+def checkpoint_footprint(
+    checkpoint: CheckpointWeights,
+    dtype: str,
+    model_size: str | None = None,
+    model_gb: float | None = None,
+) -> Footprint:
+    """A worker of the checkpoint read from its folder: its parameters in ``dtype`` as the
+    weights, and the activation figures of the Sa2VA size nearest to its parameter count.
+
+    Raises:
+        UserError: ``model_size`` declared but the folder is nearest another size (planned at
+            the declared size the workers could run out of memory, or waste GPUs), or
+            ``model_gb`` below the checkpoint's weights.
+    """
+    size = nearest_size(checkpoint.parameters / 1e6)
+    weights_mb = math.ceil(checkpoint.loaded_bytes(dtype) / 2**20)
+    where = f"the model folder {checkpoint.folder} holds {checkpoint.describe()}"
+    if model_size is not None and model_size.upper() != size:
+        raise UserError(
+            f"{option('model')} says {model_size}, but {where}: the size of Sa2VA-{size}, "
+            f"{weights_mb} MB of weights in {dtype}. The GPU plan reads the folder: drop the "
+            f"declared size, or set it to {size}."
+        )
+    if model_gb is not None and gb_to_mb(model_gb) < weights_mb:
+        raise UserError(
+            f"{option('model_gb')} is {model_gb:g} GB, but {where}, {weights_mb} MB of weights in "
+            f"{dtype} alone. Measure a worker again (weights and activations) or drop it."
+        )
+    if model_gb is not None:
+        return custom_footprint(model_gb)
+    table = FOOTPRINTS[f"sa2va-{size.lower()}"]
+    count = checkpoint.parameters
+    size_text = f"{count / 1e9:.2f}B" if count >= 10**8 else f"{count:,} parameters"
+    name = f"sa2va {size_text} ({Path(checkpoint.folder).name}, {dtype})"
+    params_m = round(checkpoint.parameters / 1e6)
+    return Footprint(
+        name, "segmenter", weights_mb, table.activation_mb, table.per_tile_mb, params_m
+    )
 
 
 @dataclass(frozen=True)
@@ -410,6 +478,58 @@ def _plan_gpu(node: str, gpu: GpuInfo, footprint: Footprint, margin_mb: int) -> 
         return GpuSlot(node, gpu.gpu, gpu.total_mb, gpu.used_mb, 0, None, max(0, room), note)
     worker_mb = footprint.worker_mb(cap)
     return GpuSlot(node, gpu.gpu, gpu.total_mb, gpu.used_mb, worker_mb, cap, room - worker_mb)
+
+
+def pinned_gpu(device: str) -> int | None:
+    """N of ``backend.device: cuda:N``, else None (``auto``, ``cuda``, ``cpu``)."""
+    prefix, _, index = device.partition(":")
+    return int(index) if prefix == "cuda" and index.isdigit() else None
+
+
+def refuse_pinned_gpu_on_cluster(device: str) -> None:
+    """Raise :class:`UserError` for ``cuda:N`` in a run on a cluster: N names a GPU of one
+    machine, and there the plan places the workers."""
+    if pinned_gpu(device) is not None:
+        raise UserError(
+            f"backend.device {device!r} names one GPU of one machine, but this run plans the "
+            "GPUs of a cluster (--address, or several nodes in gpu.inventory), where a worker "
+            "goes on every GPU that fits. Use backend.device: auto (or cuda); to keep a GPU out "
+            "of the run, leave it out of CUDA_VISIBLE_DEVICES on its node."
+        )
+
+
+def restrict_to_device(
+    inventory: tuple[NodeInventory, ...], device: str
+) -> tuple[NodeInventory, ...]:
+    """What ``backend.device`` leaves of a one-node inventory for ``run``: every GPU, or for
+    ``cuda:N`` only the N-th GPU it lists (nvidia-smi's order among those
+    ``CUDA_VISIBLE_DEVICES`` shows), so that N means the same GPU in the driver and in the
+    worker, which sees only its own GPU (as ``cuda``: :func:`worker_device`).
+
+    Raises:
+        UserError: ``cuda:N`` with several nodes, or N beyond the node's GPUs.
+    """
+    index = pinned_gpu(device)
+    if index is None:
+        return inventory
+    if len(inventory) != 1:
+        refuse_pinned_gpu_on_cluster(device)
+    (node,) = inventory
+    if not node.gpus:
+        return inventory  # the plan says that no GPU was found
+    if index >= len(node.gpus):
+        raise UserError(
+            f"backend.device {device!r}: {node.node} has {len(node.gpus)} GPU(s) (cuda:0.."
+            f"cuda:{len(node.gpus) - 1} in nvidia-smi's order among those CUDA_VISIBLE_DEVICES "
+            "shows). Name one of them, or use auto to plan a worker on every GPU that fits."
+        )
+    return (NodeInventory(node.node, (node.gpus[index],), node.note),)
+
+
+def worker_device(device: str) -> str:
+    """``backend.device`` as a worker on a planned GPU gives it to Sa2VA: Ray shows the worker
+    only its own GPU, so the plan's ``cuda:N`` is ``cuda`` there."""
+    return "cuda" if pinned_gpu(device) is not None else device
 
 
 def worker_actor_options() -> dict[str, Any]:

@@ -30,6 +30,7 @@ from ray.exceptions import GetTimeoutError
 
 from models.errors import UserError
 from orchestrator.inference.cache import DEFAULT_MEMORY_BYTES
+from orchestrator.inference.gpu_memory import MemoryShare
 from orchestrator.inference.transport import NAMESPACE, SegmentationWorkerUnavailableError
 from orchestrator.inference.worker import (
     DEFAULT_MIN_INPUT_CAP,
@@ -72,6 +73,7 @@ class WorkerPlacement:
             workers all use the smallest of their placements', :func:`pool_input_cap`).
         resources: extra Ray resources to request (e.g. ``{"gpu_mem_mb": 15000}``).
         options: further ``Actor.options`` (e.g. ``scheduling_strategy``).
+        memory_share: the worker's planned share of its GPU (capped and measured), or ``None``.
     """
 
     num_gpus: int = 0
@@ -79,6 +81,7 @@ class WorkerPlacement:
     input_cap: int | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
     options: Mapping[str, Any] = field(default_factory=dict)
+    memory_share: MemoryShare | None = None
 
 
 def worker_names(n: int, prefix: str = WORKER_NAME_PREFIX) -> list[str]:
@@ -182,6 +185,7 @@ def start_workers(
                 memory_cache_bytes=memory_cache_bytes,
                 input_cap=cap,
                 min_input_cap=min_input_cap,
+                memory_share=place.memory_share,
             )
         )
     session = _session()

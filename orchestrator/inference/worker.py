@@ -23,7 +23,10 @@ CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend'
 in pixels) down to ``min_input_cap`` and retries the same request; below the floor the request
 fails with :class:`SegmentationOutOfMemoryError`. Both are counted (``oom_retries``,
 ``oom_failures``). Results computed under an OOM-lowered cap carry the flag
-``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation.
+``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation. A worker given
+its planned share of the GPU is capped at it, so exceeding the plan is such an OOM in this
+process and never another's, and reports what it measured against the plan
+(:mod:`orchestrator.inference.gpu_memory`).
 
 Any other CUDA error (an illegal memory access, a device-side assert) leaves the CUDA context
 unusable, so every later request would fail too: inside Ray the worker logs it, naming the
@@ -58,6 +61,7 @@ from orchestrator.inference.cache import (
     CacheKey,
     InferenceCache,
 )
+from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare
 from orchestrator.inference.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -125,6 +129,8 @@ class SegmentationWorker:
         memory_cache_bytes: bound of the memory LRU.
         input_cap: initial longest-side cap for the backend (from the GPU plan), or ``None``.
         min_input_cap: floor of the OOM back-off.
+        memory_share: the worker's share of its GPU from the plan: the process is capped at it
+            and measured against it (:mod:`orchestrator.inference.gpu_memory`), or ``None``.
     """
 
     def __init__(
@@ -136,13 +142,25 @@ class SegmentationWorker:
         memory_cache_bytes: int = DEFAULT_MEMORY_BYTES,
         input_cap: int | None = None,
         min_input_cap: int = DEFAULT_MIN_INPUT_CAP,
+        memory_share: MemoryShare | None = None,
     ) -> None:
         self.name = name
         self._factory_description = describe_factory(backend_factory)
         restarts, in_ray = _record_incarnation(name, cache_dir)
         self._in_ray = in_ray
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
-        self._backend = backend_factory()
+        self._memory = GpuMeter(name, memory_share)
+        self._memory.cap()
+        self._refusal: UserError | None = None
+        try:
+            self._backend = backend_factory()
+        except Exception as err:
+            # Raised here, Ray would report an ActorDiedError whose text is a traceback; kept,
+            # it reaches start_workers, and the user, as itself (see factory_description).
+            self._refusal = self._load_refusal(err)
+            log.error("%s: the backend refused to load: %s", name, self._refusal)
+            return
+        self._memory.record_loaded()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
         self._model_lock = threading.Lock()
         self._min_input_cap = min_input_cap
@@ -159,11 +177,33 @@ class SegmentationWorker:
 
     def backend_id(self) -> str:
         """The backend's id as configured (before any OOM lowered its input cap)."""
+        self._raise_refusal()
         return self._configured_id
 
     def factory_description(self) -> str:
-        """What built the backend (``start_workers`` compares it when it reuses a worker)."""
+        """What built the backend (``start_workers`` compares it when it reuses a worker, and
+        waits on it: a worker whose backend refused to load, e.g. a device it does not have,
+        raises that :class:`UserError` here and serves nothing)."""
+        self._raise_refusal()
         return self._factory_description
+
+    def _raise_refusal(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+
+    def _load_refusal(self, err: Exception) -> UserError:
+        """What a user is told when loading failed: a refusal as it is, an OOM under the
+        planned share as such; anything else is a bug and is raised."""
+        if isinstance(err, UserError):
+            return err
+        share = self._memory.share
+        if share is None or not _is_cuda_oom(err):
+            raise err
+        return UserError(
+            f"{self.name}: out of GPU memory while loading the backend, capped at its planned "
+            f"share of {share.worker_mb} MB (weights {share.weights_mb} MB). Plan what a worker "
+            f"really takes with gpu.model_gb, or free the GPU. ({err})"
+        )
 
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """The segmentation of ``image`` (uint8 HxWx3) for ``prompt``, cached."""
@@ -257,6 +297,7 @@ class SegmentationWorker:
             memory_cache_entries=cache["memory_cache_entries"],
             memory_cache_bytes=cache["memory_cache_bytes"],
             pid=os.getpid(),
+            gpu_memory=self._memory.report(),
         )
         return snap
 
@@ -305,7 +346,8 @@ class SegmentationWorker:
         while True:
             start = time.perf_counter()
             try:
-                segs = segment_all(self._backend, image, prompts)
+                with self._memory.call():
+                    segs = segment_all(self._backend, image, prompts)
             except Exception as err:
                 if _is_cuda_fault(err) and self._in_ray:
                     self._end_process(image, prompts, err)
