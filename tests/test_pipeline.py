@@ -141,7 +141,7 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
         process.wait()
     assert not (root / "summary.json").exists()
-    forward_before = sum(1 for _ in cache.rglob("*.npz"))
+    forward_before = sum(1 for _ in cache.rglob("*.entry"))
 
     code = main(["run", "--output", str(root), "--resume", "--num-cpus", "2", "--no-dashboard"])
     assert code == 0
@@ -149,7 +149,7 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
     assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
     # The warm-up finished before the kill: every pair is served from the disk cache.
     assert summary["inference"]["forward_passes"] == 0
-    assert sum(1 for _ in cache.rglob("*.npz")) == forward_before
+    assert sum(1 for _ in cache.rglob("*.entry")) == forward_before
 
 
 @pytest.mark.slow
