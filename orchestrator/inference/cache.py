@@ -6,7 +6,7 @@ Equal keys give equal results; any change of backend, pixels or prompt gives ano
 stale answer is never served.
 
 Both tiers hold the compact form of :mod:`orchestrator.inference.cache_entry` (mask bits, ``prob``
-quantised to uint8; about 150 KB on disk for a 512x512 Frangi entry instead of float32's 1.06 MB),
+quantised to uint8; about 160 KB on disk for a 512x512 Frangi entry instead of float32's 1.06 MB),
 and every answer the cache hands out, fresh or hit, is that form expanded: bit-identical
 whichever tier served it.
 
