@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.disk import DISK_FULL_ERRNOS, inject_fault
+
 TUNE_EXPERIMENT = "tune"
 """Name of the Tune experiment; its directory is ``<run dir>/tune``."""
 BEST_POLICY_FILE = "best_policy.pt"
@@ -145,15 +147,21 @@ def temp_path(path: Path) -> Path:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a unique temp file, fsync, then rename over
-    ``path``. A reader (on any node) sees the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``path``. A reader (on any node) sees the old file or the whole new one, never half. A full
+    disk raises ``OSError(ENOSPC)`` naming ``path`` (see :mod:`orchestrator.disk`)."""
     tmp = temp_path(path)
     try:
+        inject_fault(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS and err.filename != str(path):
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

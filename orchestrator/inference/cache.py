@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 from models.segmentation import Segmentation
 from orchestrator import run_dir
+from orchestrator.disk import DISK_FULL_ERRNOS
 from orchestrator.inference.cache_entry import (
     ENTRY_FORMAT_VERSION,
     CompactEntry,
@@ -203,8 +204,10 @@ class InferenceCache:
 
     def flush(self, key: CacheKey) -> None:
         """Write the entry :meth:`stage` holds for ``key`` to disk and release it (no-op when
-        nothing is staged). A failed write is counted and logged, never raised: it costs future
-        recomputation, not the answer already returned."""
+        nothing is staged). A failed write is counted and logged; it is raised only when the
+        disk is full (``ENOSPC``/``EDQUOT``, naming the entry's path), so that the run stops
+        with a message instead of filling every other writer's disk too. Any other failure
+        (permission, read-only or stale storage) costs future recomputation only."""
         with self._lock:
             entry = self._staged.get(key.hex)
         if entry is None:
@@ -217,6 +220,8 @@ class InferenceCache:
         except OSError as err:
             self._count("disk_write_errors")
             log.warning("segmentation cache: could not write %s: %s", path, err)
+            if err.errno in DISK_FULL_ERRNOS:
+                raise
         finally:
             with self._lock:
                 self._staged.pop(key.hex, None)

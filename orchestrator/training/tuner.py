@@ -22,6 +22,7 @@ from ray import tune
 from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
 from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
+from orchestrator.training.disk_watch import DiskWatch, disk_watched, repair_tune_state
 from orchestrator.training.reward_net_status import clear_failed
 from orchestrator.training.trainable import run_trial
 
@@ -101,6 +102,8 @@ def fit(
     print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
     if any(t.trains_reward_net for t in trials):
         clear_failed(paths)  # the reward-net trial runs (again): its last failure is history
+    if options.resume and (repaired := repair_tune_state(paths.tune_dir)):
+        print(f"  {repaired}")
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
         print(f"  resuming the Tune experiment in {paths.tune_dir}")
         tuner = tune.Tuner.restore(
@@ -124,6 +127,7 @@ def fit(
                 storage_path=str(paths.root),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                callbacks=[DiskWatch(paths.tune_dir, disk_watched(config, paths))],
                 verbose=1,
             ),
         )
