@@ -8,6 +8,7 @@ Layout under ``root`` (``sa2va-rl run --output``)::
     gpu_plan.json            the GPU memory plan (GPU backends only)
     tune/                    the Tune experiment: one directory per trial, with
                              best_policy.pt and algo/ in each checkpoint
+    tune_state_backup/       the last good copy of Tune's experiment state (for --resume)
     reward_net/              best_reward_net.pt, report.json, val_predictions.csv, status.json
     eval/                    per_image.csv and examples/<method>__<image>.png
     summary.json, report.md, plots/*.png
@@ -30,6 +31,8 @@ from orchestrator.disk import DISK_FULL_ERRNOS, inject_fault
 
 TUNE_EXPERIMENT = "tune"
 """Name of the Tune experiment; its directory is ``<run dir>/tune``."""
+TUNE_STATE_BACKUP = "tune_state_backup"
+"""The last good copy of Tune's experiment state, next to ``tune/`` (training.disk_watch)."""
 BEST_POLICY_FILE = "best_policy.pt"
 """The exported policy inside every PPO checkpoint (and the trial directory)."""
 ALGO_DIR = "algo"

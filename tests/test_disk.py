@@ -29,7 +29,7 @@ from orchestrator.disk import (
     plan_disk,
 )
 from orchestrator.inference.cache import CacheKey, InferenceCache
-from orchestrator.run_dir import RunPaths
+from orchestrator.run_dir import TUNE_STATE_BACKUP, RunPaths
 from orchestrator.training import disk_watch
 from orchestrator.training.disk_watch import DiskWatch, backup_tune_state, repair_tune_state
 from orchestrator.training.reward_net_status import reporting_status
@@ -192,9 +192,9 @@ def _tune_state(tune_dir: Path, trials: str) -> None:
 def test_torn_tune_state_is_restored_from_the_last_good_copy(tmp_path: Path) -> None:
     tune_dir = tmp_path / "tune"
     _tune_state(tune_dir, "good")
-    backup_tune_state(tune_dir, tmp_path / disk_watch.BACKUP_DIR)
+    backup_tune_state(tune_dir, tmp_path / TUNE_STATE_BACKUP)
     (tune_dir / "experiment_state-2026.json").write_text('{"trials": "go')  # torn by ENOSPC
-    backup_tune_state(tune_dir, tmp_path / disk_watch.BACKUP_DIR)  # a torn set is not copied
+    backup_tune_state(tune_dir, tmp_path / TUNE_STATE_BACKUP)  # a torn set is not copied
     message = repair_tune_state(tune_dir)
     assert message is not None and "restored the last good copy" in message
     assert json.loads((tune_dir / "experiment_state-2026.json").read_text()) == {"trials": "good"}

@@ -30,13 +30,12 @@ from ray import tune
 from orchestrator import run_dir
 from orchestrator.config import RunConfig
 from orchestrator.disk import disk_full_path, free_bytes
-from orchestrator.run_dir import RunPaths
+from orchestrator.run_dir import TUNE_STATE_BACKUP, RunPaths
 
 FULL_BELOW_BYTES = 8 * 2**20
 """A watched filesystem with less free space than this counts as full."""
 POLL_S = 5.0
 BACKUP_S = 10.0
-BACKUP_DIR = "tune_state_backup"
 STATE_PATTERNS = ("experiment_state-*.json", "basic-variant-state-*.json", "tuner.pkl")
 
 
@@ -45,7 +44,7 @@ class DiskWatch(tune.Callback):
 
     def __init__(self, tune_dir: Path, watched: list[Path]) -> None:
         self.tune_dir = tune_dir
-        self.backup_dir = tune_dir.parent / BACKUP_DIR
+        self.backup_dir = tune_dir.parent / TUNE_STATE_BACKUP
         self.watched = watched
         self.full: str | None = None
         self._polled = self._backed_up = 0.0
@@ -127,7 +126,7 @@ def repair_tune_state(tune_dir: Path) -> str | None:
     torn = [p for p in files if not _readable(p)]
     if not torn:
         return None
-    backup = tune_dir.parent / BACKUP_DIR
+    backup = tune_dir.parent / TUNE_STATE_BACKUP
     copies = _state_files(backup)
     names = ", ".join(p.name for p in torn)
     for path in files:  # all of them: a set Tune would mix with the copy is not one state
