@@ -12,6 +12,9 @@ reward_guided  3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change
                                   reward network's score), starts once step 1 is READY
 =============  =================  =====================================================
 
+A trial that depends on another names it in ``after``: it waits for that trial's READY and
+stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`).
+
 Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
 compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
 metrics; they differ only in the environment class and its keywords (:func:`env_kwargs`).
@@ -35,7 +38,7 @@ from envs.sources import DataRef, load_split
 from models.reward_net import MaskScorer, RewardPrediction, RewardScorer, load_checkpoint
 from orchestrator.config import RunConfig, config_to_dict, parse_config
 from orchestrator.run_dir import RunPaths
-from orchestrator.training.reward_net_status import wait_for_reward_net
+from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
     from models.segmentation import Segmenter
@@ -50,10 +53,13 @@ class Trial:
         experiment: the experiment it belongs to (``config.experiments`` names these).
         env_class: the environment a PPO trial learns in; ``None`` for supervised trials.
         method: the evaluation method of its policy (``eval/per_image.csv``), or ``None``.
-        needs_reward_net: it waits for the reward-net trial of the same run to be READY.
+        needs_reward_net: its environment scores masks with the run's reward net (and so it
+            waits for the reward-net trial: ``after``).
         trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
+        after: the trial of the same run whose READY this one waits for before it needs its
+            outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``.
     """
 
     name: str
@@ -63,6 +69,7 @@ class Trial:
     needs_reward_net: bool = False
     trains_reward_net: bool = False
     uses_gpu: bool = False
+    after: str | None = None
 
     @property
     def is_ppo(self) -> bool:
@@ -73,7 +80,12 @@ PROMPT = Trial("prompt", "prompt", PromptSelectionEnv, "prompt_rl")
 POSTPROCESS = Trial("postprocess", "postprocess", PostProcessEnv, "postprocess_rl")
 REWARD_NET = Trial("reward_net", "reward", trains_reward_net=True, uses_gpu=True)
 REWARD_GUIDED = Trial(
-    "reward_guided", "reward", RewardGuidedPromptEnv, "reward_rl", needs_reward_net=True
+    "reward_guided",
+    "reward",
+    RewardGuidedPromptEnv,
+    "reward_rl",
+    needs_reward_net=True,
+    after=REWARD_NET.name,
 )
 TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED)
 """Every trial, in launch order (reward_net before reward_guided)."""
@@ -116,6 +128,7 @@ class TrialSpec:
         trial: the registry entry.
         run: the resolved run config.
         root: the run directory.
+        run_id: the run's id (its Ray actors are named under it, :mod:`orchestrator.run_id`).
         workers: the segmentation workers' Ray names (empty: in-process workers).
         backend_id: the workers' backend id (ties checkpoints and policies to it).
         data: the run's data reference (every data setting; the split manifest and its hash).
@@ -126,6 +139,7 @@ class TrialSpec:
     trial: Trial
     run: RunConfig
     root: str
+    run_id: str
     workers: tuple[str, ...]
     backend_id: str
     data: DataRef
@@ -146,6 +160,7 @@ class TrialSpec:
             "trial": self.trial.name,
             "run": config_to_dict(self.run),
             "root": self.root,
+            "run_id": self.run_id,
             "workers": list(self.workers),
             "backend_id": self.backend_id,
             "data": self.data.to_dict(),
@@ -159,6 +174,7 @@ class TrialSpec:
             trial=trial(str(param["trial"])),
             run=parse_config(dict(param["run"]), source="trial config"),
             root=str(param["root"]),
+            run_id=str(param["run_id"]),
             workers=tuple(param["workers"]),
             backend_id=str(param["backend_id"]),
             data=DataRef.from_dict(param["data"]),
@@ -224,8 +240,9 @@ class RunRewardNet:
     """The run's reward net, loaded when it first scores a mask: an env of the reward-guided
     trial can be built (and its observation statistics fitted) while step 1 still trains.
 
-    The first :meth:`score` waits for the reward-net trial to be READY (it raises at once, with
-    the reason, when that trial FAILED) and loads the checkpoint (:func:`run_reward_scorer`).
+    The first :meth:`score` waits for the trial's ``after`` (the reward-net trial) to be READY
+    (it raises at once, with the reason, when that trial FAILED) and loads the checkpoint
+    (:func:`run_reward_scorer`).
     """
 
     def __init__(self, spec: TrialSpec) -> None:
@@ -234,7 +251,7 @@ class RunRewardNet:
 
     def load(self) -> RewardScorer:
         if self._scorer is None:
-            wait_for_reward_net(self.spec.paths)
+            wait_for(self.spec)
             self._scorer = run_reward_scorer(self.spec)
         return self._scorer
 

@@ -376,15 +376,18 @@ def run(options: RunOptions) -> int:
     import ray
 
     from orchestrator.inference.client import SegmentationClient
+    from orchestrator.run_id import ensure_run_id
     from orchestrator.training import tuner as tuning
+    from orchestrator.training.trial_status import start_board
 
     started = time.monotonic()
     paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
+        run_id = ensure_run_id(paths)
         names = [t.name for t in trials_for(config)]
-        print(f"  mode {config.mode}, backend {config.backend.name}, trials {names}")
+        print(f"  run {run_id}, mode {config.mode}, backend {config.backend.name}, trials {names}")
     with clock.stage("data", "data and split"):
         prepared = prepare_data(config, paths)
         check_disk(config, paths, prepared)
@@ -392,6 +395,7 @@ def run(options: RunOptions) -> int:
         with clock.stage("ray", "GPU plan, Ray and segmentation workers"):
             plan = None if options.address else gpu_plan(config, None)
             start_ray(options, plan)
+            start_board(run_id, str(paths.root))
             if options.address:
                 check_shared_storage(config, paths, prepared)
                 plan = gpu_plan(config, options.address)
@@ -410,7 +414,7 @@ def run(options: RunOptions) -> int:
             # The policy-free methods use the cores the trials leave idle (see the module).
             references = start_reference_evaluation(config, paths, prepared, client)
             grid = tuning.fit(
-                options, config, paths, prepared, workers, client.backend_id, trial_gpu_mb
+                options, config, paths, run_id, prepared, workers, client.backend_id, trial_gpu_mb
             )
             trials = tuning.outcomes(grid)
         with clock.stage("evaluate", "evaluation on the test split"):

@@ -32,7 +32,6 @@ from orchestrator.inference.cache import CacheKey, InferenceCache
 from orchestrator.run_dir import TUNE_STATE_BACKUP, RunPaths
 from orchestrator.training import disk_watch
 from orchestrator.training.disk_watch import DiskWatch, backup_tune_state, repair_tune_state
-from orchestrator.training.reward_net_status import reporting_status
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"
 MB = 10**6
@@ -101,16 +100,6 @@ def test_cache_write_on_a_full_disk_is_raised_and_counted(
     assert cache.counters()["disk_write_errors"] == 1
     monkeypatch.delenv(INJECT_ENV)
     assert InferenceCache(tmp_path).get(earlier, (8, 8)) is not None  # the earlier entry is whole
-
-
-def test_reward_net_status_that_cannot_be_written_raises_disk_full(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    paths = RunPaths(tmp_path)
-    monkeypatch.setenv(INJECT_ENV, "status.json")
-    with pytest.raises(OSError) as err, reporting_status(paths):
-        pass
-    assert disk_full_path(err.value) == str(paths.reward_net_status)
 
 
 @pytest.mark.parametrize(

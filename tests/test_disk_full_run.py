@@ -1,10 +1,10 @@
 """End to end: a disk that fills during Tune stops the whole run in words, and ``--resume``
 with space completes every trial.
 
-The reward-net trial's first write (``reward_net/status.json``) hits ENOSPC, injected inside
-the trial process (``SA2VA_RL_INJECT_ENOSPC``, inherited from the driver by Ray's workers): the
-status cannot say FAILED, so without the driver's DiskWatch the reward-guided trial would wait
-for it for hours.
+Every PPO trial's first checkpoint hits ENOSPC, injected inside the trial processes
+(``SA2VA_RL_INJECT_ENOSPC``, inherited from the driver by Ray's workers): the driver's DiskWatch
+ends the Tune experiment at the first such failure (Tune would otherwise retry each trial), the
+run ends in words, and the reward-guided trial waits for nothing.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ def test_full_disk_during_tune_stops_in_words_and_resume_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, cache = tmp_path / "run", tmp_path / "cache"
-    status = root / "reward_net" / "status.json"
-    monkeypatch.setenv(INJECT_ENV, "reward_net/status.json")
+    monkeypatch.setenv(INJECT_ENV, "/checkpoint")
     assert main(smoke_args(root, cache)) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"sa2va-rl run: error: the disk is full: could not write {status} (")
+    assert last.startswith(f"sa2va-rl run: error: the disk is full: could not write {root}/tune/")
+    assert "/checkpoint (" in last
     assert f"then continue with `sa2va-rl run --output {root} --resume`" in last
-    assert not status.exists() and not (root / "summary.json").exists()
+    assert not (root / "summary.json").exists()
     manifest = (root / "split_manifest.json").read_bytes()
     entries = sorted(cache.rglob("*.entry"))
     assert entries  # the warm-up finished before Tune
@@ -49,4 +49,3 @@ def test_full_disk_during_tune_stops_in_words_and_resume_completes(
     assert summary["inference"]["corrupt_entries"] == 0
     assert (root / "split_manifest.json").read_bytes() == manifest
     assert sorted(cache.rglob("*.entry")) == entries
-    assert json.loads(status.read_text())["state"] == "READY"

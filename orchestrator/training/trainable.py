@@ -5,7 +5,8 @@ it in ``params.json``). Environments reach the models only through a
 :class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
-``--resume``; the reward-net trial reports one result per epoch.
+``--resume``; the reward-net trial reports one result per epoch. Every trial says RUNNING and
+READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from orchestrator.inference.client import SegmentationClient
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
+from orchestrator.training.trial_status import reporting
 
 
 class TuneSink:
@@ -50,8 +52,9 @@ def run_trial(param: dict[str, Any]) -> None:
     """Tune entry point: the trial of ``param`` (a :meth:`TrialSpec.to_param`)."""
     spec = TrialSpec.from_param(param)
     client = SegmentationClient(spec.workers)
-    if spec.trial.trains_reward_net:
-        train_run_reward_net(spec, client, TuneSink())
-        return
-    yield_to_reward_chain(spec.trial, spec.run)
-    train_ppo(spec, client, TuneSink())
+    with reporting(spec):
+        if spec.trial.trains_reward_net:
+            train_run_reward_net(spec, client, TuneSink())
+            return
+        yield_to_reward_chain(spec.trial, spec.run)
+        train_ppo(spec, client, TuneSink())
