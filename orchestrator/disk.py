@@ -121,10 +121,11 @@ CHECKPOINT_BYTES = 2 * 10**6
 (128, 64) networks."""
 TRIAL_LOG_BYTES_PER_ITERATION = 20_000
 """``result.json``, ``progress.csv`` and TensorBoard events per PPO iteration (upper bound)."""
-REWARD_NET_BYTES = 20 * 10**6
-"""``best_reward_net.pt``, its report and validation predictions (upper bound)."""
-REPORT_BYTES = 30 * 10**6
-"""``eval/`` (per-image CSVs, example overlays), ``plots/``, ``report.md``, ``summary.json``."""
+REWARD_NET_BYTES = 5 * 10**6
+"""``best_reward_net.pt``, its report and validation predictions (0.38 MB in the quick run)."""
+REPORT_BYTES = 10 * 10**6
+"""``eval/`` (per-image CSVs, example overlays), ``plots/``, ``report.md``, ``summary.json``
+(1.9 MB in the quick run)."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from orchestrator.experiments import trials_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_full_disk_during_tune_stops_in_words_and_resume_completes(
+def test_full_disk_stops_in_words_and_resume_never_trains_a_finished_trial_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, cache = tmp_path / "run", tmp_path / "cache"
@@ -38,12 +38,23 @@ def test_full_disk_during_tune_stops_in_words_and_resume_completes(
     manifest = (root / "split_manifest.json").read_bytes()
     entries = sorted(cache.rglob("*.entry"))
     assert entries  # the warm-up finished before Tune
-
-    monkeypatch.delenv(INJECT_ENV)
-    code = main(["run", "--output", str(root), "--resume", "--num-cpus", "2", "--no-dashboard"])
-    assert code == 0
-    summary = json.loads((root / "summary.json").read_text())
     names = [t.name for t in trials_for(load_config(str(root / "config.yaml")))]
+
+    # Resumed with the report's disk full: every trial finishes, the report cannot be written.
+    monkeypatch.setenv(INJECT_ENV, "report.md")
+    resume = ["run", "--output", str(root), "--resume", "--num-cpus", "2", "--no-dashboard"]
+    assert main(resume) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the disk is full: could not write {root / 'report.md'} (" in last
+    trained = {p: p.read_bytes() for p in (root / "tune").glob("*/result.json")}
+    assert len(trained) == len(names)
+
+    # Resumed with space: nothing is trained again, the report is written.
+    monkeypatch.delenv(INJECT_ENV)
+    assert main(resume) == 0
+    assert {p: p.read_bytes() for p in (root / "tune").glob("*/result.json")} == trained
+    assert (root / "report.md").is_file()
+    summary = json.loads((root / "summary.json").read_text())
     assert summary["trials"] == {name: "TERMINATED" for name in names}
     assert summary["inference"]["forward_passes"] == 0  # every earlier entry read back whole
     assert summary["inference"]["corrupt_entries"] == 0
