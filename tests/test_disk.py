@@ -174,7 +174,7 @@ def test_watch_stops_tune_when_a_watched_disk_fills(
 
 def _tune_state(tune_dir: Path, trials: str) -> None:
     run_dir.write_text(tune_dir / "experiment_state-2026.json", json.dumps({"trials": trials}))
-    run_dir.write_text(tune_dir / "basic-variant-state-2026.json", "{}")
+    run_dir.write_bytes(tune_dir / "basic-variant-state-2026.json", b"\x80\x05 a pickle")
     run_dir.write_bytes(tune_dir / "tuner.pkl", b"pickle")
 
 

@@ -94,20 +94,30 @@ def _state_files(folder: Path) -> list[Path]:
 
 
 def _readable(path: Path) -> bool:
+    """Whether a state file is whole: the experiment state parses as JSON (Tune's
+    ``basic-variant-state-*.json`` is a pickle despite its name: only checked non-empty)."""
     try:
         data = path.read_bytes()
-        if path.suffix == ".json":
+        if path.name.startswith("experiment_state-"):
             json.loads(data)
         return len(data) > 0
     except (OSError, ValueError):
         return False
 
 
+def _restorable(files: list[Path]) -> bool:
+    """Whether ``files`` are a whole state Tune can restore from (one needs the experiment
+    state and ``tuner.pkl``)."""
+    names = [p.name for p in files]
+    has_state = any(n.startswith("experiment_state-") for n in names)
+    return has_state and "tuner.pkl" in names and all(_readable(p) for p in files)
+
+
 def backup_tune_state(tune_dir: Path, backup_dir: Path) -> None:
-    """Copy Tune's state files that parse into ``backup_dir`` (atomically each), and drop
-    older copies Tune has replaced; a set with a torn file is not copied at all."""
+    """Copy Tune's state files into ``backup_dir`` (atomically each) when they are a whole,
+    restorable set, and drop older copies Tune has replaced; anything less is not copied."""
     files = _state_files(tune_dir)
-    if not files or not all(_readable(p) for p in files):
+    if not _restorable(files):
         return
     for path in files:
         run_dir.write_bytes(backup_dir / path.name, path.read_bytes())
@@ -131,12 +141,13 @@ def repair_tune_state(tune_dir: Path) -> str | None:
     names = ", ".join(p.name for p in torn)
     for path in files:  # all of them: a set Tune would mix with the copy is not one state
         shutil.move(path, path.with_name(path.name + ".torn"))
-    if copies and all(_readable(p) for p in copies):
+    if _restorable(copies):
         for copy in copies:
             run_dir.write_bytes(tune_dir / copy.name, copy.read_bytes())
         return (
             f"Tune's experiment state was torn ({names}, likely by a full disk); restored the "
-            f"last good copy from {backup}: trials continue from their last checkpoints"
+            f"last good copy from {backup} (at most {BACKUP_S:.0f} s older than the failure): "
+            "trials continue from the checkpoints it records"
         )
     return (
         f"Tune's experiment state is torn ({names}, likely by a full disk) and no good copy "
