@@ -128,8 +128,9 @@ class TrialSpec:
         trial: the registry entry.
         run: the resolved run config.
         root: the run directory.
-        run_id: the run's id (its Ray actors are named under it, :mod:`orchestrator.run_id`).
-        workers: the segmentation workers' Ray names (empty: in-process workers).
+        run_id: the run's id: the trial finds its run's segmentation workers and status board
+            by it when it starts (:mod:`orchestrator.run_id`), never from a list frozen into
+            its config, so a resumed run may have more or fewer workers.
         backend_id: the workers' backend id (ties checkpoints and policies to it).
         data: the run's data reference (every data setting; the split manifest and its hash).
         gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
@@ -140,7 +141,6 @@ class TrialSpec:
     run: RunConfig
     root: str
     run_id: str
-    workers: tuple[str, ...]
     backend_id: str
     data: DataRef
     gpu_mem_mb: int = 0
@@ -161,7 +161,6 @@ class TrialSpec:
             "run": config_to_dict(self.run),
             "root": self.root,
             "run_id": self.run_id,
-            "workers": list(self.workers),
             "backend_id": self.backend_id,
             "data": self.data.to_dict(),
             "gpu_mem_mb": self.gpu_mem_mb,
@@ -175,7 +174,6 @@ class TrialSpec:
             run=parse_config(dict(param["run"]), source="trial config"),
             root=str(param["root"]),
             run_id=str(param["run_id"]),
-            workers=tuple(param["workers"]),
             backend_id=str(param["backend_id"]),
             data=DataRef.from_dict(param["data"]),
             gpu_mem_mb=int(param.get("gpu_mem_mb", 0)),

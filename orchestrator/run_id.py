@@ -29,5 +29,6 @@ def ensure_run_id(paths: RunPaths) -> str:
 
 
 def scoped(run_id: str, name: str) -> str:
-    """The Ray actor name of ``name`` within run ``run_id``: ``<run_id>/<name>``."""
-    return f"{run_id}/{name}"
+    """The Ray actor name of ``name`` within run ``run_id``: ``<run_id>:<name>`` (no ``/``:
+    worker names also name files)."""
+    return f"{run_id}:{name}"

@@ -70,7 +70,6 @@ def test_trial_spec_survives_tunes_param_space() -> None:
         run=load_config(CONFIG_DIR / "smoke.yaml"),
         root="/runs/x",
         run_id="run-20261204-101500-abcdef",
-        workers=("segmentation-worker-0",),
         backend_id="frangi-v1",
         data=DataRef("/data", "/runs/x/split_manifest.json", "abc", skip_bad=True),
         gpu_mem_mb=0,

@@ -78,9 +78,7 @@ def train_locally(options: RunOptions, experiment: str) -> list[TrialOutcome]:
     host_locally(run_id, str(paths.root))
     outcomes = []
     for trial in trials_of_experiment(experiment):
-        spec = TrialSpec(
-            trial, config, str(paths.root), run_id, (), client.backend_id, prepared.ref
-        )
+        spec = TrialSpec(trial, config, str(paths.root), run_id, client.backend_id, prepared.ref)
         sink = LocalSink(paths.root / LOCAL_DIR / trial.name)
         print(f"  trial {trial.name} -> {sink.trial_dir}", flush=True)
         with reporting(spec):

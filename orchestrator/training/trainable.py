@@ -2,7 +2,8 @@
 
 Its ``config`` is a :class:`~orchestrator.experiments.TrialSpec` in plain-data form (Tune stores
 it in ``params.json``). Environments reach the models only through a
-:class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
+:class:`~orchestrator.inference.client.SegmentationClient` over the run's Ray workers, found by
+the run id when the trial starts. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
 ``--resume``; the reward-net trial reports one result per epoch. Every trial says RUNNING and
@@ -51,7 +52,7 @@ class TuneSink:
 def run_trial(param: dict[str, Any]) -> None:
     """Tune entry point: the trial of ``param`` (a :meth:`TrialSpec.to_param`)."""
     spec = TrialSpec.from_param(param)
-    client = SegmentationClient(spec.workers)
+    client = SegmentationClient.for_run(spec.run_id)
     with reporting(spec):
         if spec.trial.trains_reward_net:
             train_run_reward_net(spec, client, TuneSink())

@@ -78,7 +78,6 @@ def fit(
     paths: RunPaths,
     run_id: str,
     prepared: PreparedData,
-    workers: list[str],
     backend_id: str,
     gpu_mem_mb: int,
 ) -> tune.ResultGrid:
@@ -94,7 +93,6 @@ def fit(
             run=config,
             root=str(paths.root),
             run_id=run_id,
-            workers=tuple(workers),
             backend_id=backend_id,
             data=prepared.ref,
             gpu_mem_mb=gpu_mem_mb if t.uses_gpu else 0,
@@ -196,11 +194,15 @@ def _last_error(trial: Trial) -> str:
 
 
 def outcomes(grid: tune.ResultGrid) -> list[TrialOutcome]:
-    """Every trial of Tune's ResultGrid as the later stages read it."""
+    """Every trial of Tune's ResultGrid as the later stages read it; prints the last line of
+    each errored trial's error."""
     found = []
     for index in range(len(grid)):
         result = grid[index]
         checkpoint = result.checkpoint
+        if result.error is not None:
+            last = str(result.error).strip().splitlines() or ["(no error text)"]
+            print(f"  trial {(result.config or {}).get('trial')} ended in ERROR: {last[-1]}")
         found.append(
             TrialOutcome(
                 name=str((result.config or {})["trial"]),
