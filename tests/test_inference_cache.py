@@ -365,7 +365,8 @@ def test_lookup_by_digest_serves_only_cached_answers(tmp_path: Path) -> None:
 
 def test_factory_description_is_stable() -> None:
     assert describe_factory(FakeBackendFactory(latency_s=0.5)) == (
-        "FakeBackendFactory(backend_id='fake-v1', latency_s=0.5, events_path=None, oom_above=None)"
+        "FakeBackendFactory(backend_id='fake-v1', latency_s=0.5, events_path=None, "
+        "oom_above=None, cuda_fault_prompt=None)"
     )
     assert describe_factory(random_image) == "fakes.random_image"  # type: ignore[arg-type]
     assert describe_factory(BackendSpec("frangi", {"sigma": 2})) == (
