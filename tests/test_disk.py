@@ -160,6 +160,20 @@ def test_watch_stops_tune_on_a_trial_that_hit_a_full_disk(tmp_path: Path) -> Non
     assert err.value.errno == errno.ENOSPC and err.value.filename == "/r/x.pt"
 
 
+def test_watch_names_the_fullest_disk_when_the_error_names_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "OSError: [Errno 28] Error writing bytes to file. "
+        "Detail: [errno 28] No space left on device"
+    )
+    monkeypatch.setattr(disk_watch, "free_bytes", lambda p: 100 if p.name == "run" else 10**12)
+    watch = DiskWatch(tmp_path / "tune", [tmp_path / "cache", tmp_path / "run"])
+    watch.on_trial_recover(0, [], SimpleNamespace(error_file=str(error_file)))
+    assert watch.full == str(tmp_path / "run")
+
+
 def test_watch_stops_tune_when_a_watched_disk_fills(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

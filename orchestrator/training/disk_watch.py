@@ -81,7 +81,8 @@ class DiskWatch(tune.Callback):
             return
         path = disk_full_path(Exception(text))
         if path is not None:
-            self.full = path or str(error_file)
+            # An error that names no file (pyarrow's copy into tune/): name the fullest disk.
+            self.full = path or str(min(self.watched, key=free_bytes))
 
 
 def disk_watched(config: RunConfig, paths: RunPaths) -> list[Path]:
