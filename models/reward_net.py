@@ -21,6 +21,7 @@ the command that makes a matching one.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -293,8 +294,12 @@ def save_checkpoint(path: str | Path, model: RewardNet, metadata: dict[str, Any]
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    buffer = io.BytesIO()
+    # In memory first: a full disk then fails as OSError(ENOSPC), not as torch's RuntimeError.
+    torch.save(payload, buffer)
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

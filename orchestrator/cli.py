@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "orchestrator.commands.demo_data",
     "orchestrator.commands.check_data",
     "orchestrator.commands.plan",
+    "orchestrator.commands.cache",
     "orchestrator.commands.report",
     "orchestrator.commands.train_reward_net",
 )

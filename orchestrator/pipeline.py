@@ -35,6 +35,7 @@ from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
 
 if TYPE_CHECKING:
+    from envs.sample import Sample
     from orchestrator.gpu.budget import Footprint, GpuPlan
     from orchestrator.inference.client import SegmentationClient
 
@@ -400,12 +401,9 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
     )
 
 
-def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedData) -> int:
-    """Segment every (image, prompt) pair the run will need once, with a progress bar, so the
-    trials start on a warm cache. Returns the number of images."""
-    from tqdm import tqdm
-
-    from envs.sample import Sample
+def warm_up_samples(config: RunConfig, prepared: PreparedData) -> list[Sample]:
+    """Every image the run segments (training, reward-net validation and test images, as
+    capped by the config), each once."""
     from envs.sources import load_split
 
     rl_cap, net_cap = config.data.max_train_images, config.reward_net.max_images
@@ -418,9 +416,47 @@ def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedDat
     for split, cap in splits.items():
         for sample in load_split(prepared.ref, split, cap):
             ids[sample.id] = sample
+    return list(ids.values())
+
+
+def check_disk(config: RunConfig, paths: RunPaths, prepared: PreparedData) -> None:
+    """Print the disk plan (:mod:`orchestrator.disk`) and refuse it, before Ray or any worker
+    starts, when the run's outputs do not fit. Pairs already cached count nothing where the
+    backend id is known before its workers load (Frangi); for Sa2VA every pair counts."""
+    from models.segmentation import image_digest
+    from orchestrator.disk import plan_disk, run_needs_of
+    from orchestrator.inference.cache import CacheKey, InferenceCache
+
+    samples = warm_up_samples(config, prepared)
+    cached = 0
+    if config.backend.name == "frangi" and samples:
+        from models.backends import make_segmenter
+
+        backend_id = make_segmenter("frangi").backend_id
+        cache = InferenceCache(Path(config.workers.cache_dir).expanduser())
+        for sample in samples:
+            digest = image_digest(sample.image)
+            for prompt in config.env.prompts:
+                path = cache.path(CacheKey(backend_id, digest, prompt))
+                cached += path is not None and path.is_file()
+    hw = samples[0].image.shape[:2] if samples else (0, 0)
+    pairs = len(samples) * len(config.env.prompts) - cached
+    plan = plan_disk(run_needs_of(config, paths, pairs, (int(hw[0]), int(hw[1]))))
+    for line in plan.format().splitlines()[1:]:
+        if not line.startswith("    "):
+            print(f"  disk {line.strip()}")
+    plan.require()
+
+
+def warm_up(client: SegmentationClient, config: RunConfig, prepared: PreparedData) -> int:
+    """Segment every (image, prompt) pair the run will need once, with a progress bar, so the
+    trials start on a warm cache. Returns the number of images."""
+    from tqdm import tqdm
+
     from orchestrator.inference.warmup import warm_up_pool
 
-    images = [sample.image for sample in ids.values()]
+    ids = warm_up_samples(config, prepared)
+    images = [sample.image for sample in ids]
     with tqdm(total=len(images), desc="  segmenting (cache warm-up)", unit="image") as bar:
         report = warm_up_pool(client, images, config.env.prompts, on_image=lambda: bar.update())
     print(
@@ -468,6 +504,7 @@ def run(options: RunOptions) -> int:
         print(f"  run {run_id}, mode {config.mode}, backend {config.backend.name}, trials {names}")
     with clock.stage("data", "data and split"):
         prepared = prepare_data(config, paths)
+        check_disk(config, paths, prepared)
     try:
         with clock.stage("ray", "GPU plan, Ray and segmentation workers"):
             plan = None if options.address else gpu_plan(config, None)

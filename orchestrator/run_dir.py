@@ -9,6 +9,7 @@ Layout under ``root`` (``sa2va-rl run --output``)::
     gpu_plan.json            the GPU memory plan (GPU backends only)
     tune/                    the Tune experiment: one directory per trial, with
                              best_policy.pt and algo/ in each checkpoint
+    tune_state_backup/       the last good copy of Tune's experiment state (for --resume)
     reward_net/              best_reward_net.pt, report.json, val_predictions.csv
     status/<trial>.json      the record of each trial's RUNNING / READY / FAILED (trial_status)
     eval/                    per_image.csv and examples/<method>__<image>.png
@@ -28,8 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.disk import DISK_FULL_ERRNOS, inject_fault
+
 TUNE_EXPERIMENT = "tune"
 """Name of the Tune experiment; its directory is ``<run dir>/tune``."""
+TUNE_STATE_BACKUP = "tune_state_backup"
+"""The last good copy of Tune's experiment state, next to ``tune/`` (training.disk_watch)."""
 BEST_POLICY_FILE = "best_policy.pt"
 """The exported policy inside every PPO checkpoint (and the trial directory)."""
 ALGO_DIR = "algo"
@@ -158,15 +163,21 @@ def temp_path(path: Path) -> Path:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a unique temp file, fsync, then rename over
-    ``path``. A reader (on any node) sees the old file or the whole new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ``path``. A reader (on any node) sees the old file or the whole new one, never half. A full
+    disk raises ``OSError(ENOSPC)`` naming ``path`` (see :mod:`orchestrator.disk`)."""
     tmp = temp_path(path)
     try:
+        inject_fault(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS and err.filename != str(path):
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

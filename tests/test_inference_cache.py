@@ -7,6 +7,7 @@ pair under concurrency, and the OOM back-off down to its floor.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from pathlib import Path
@@ -21,8 +22,8 @@ from orchestrator.inference.cache import (
     InferenceCache,
     MemoryLRU,
     canonical,
-    encode_entry,
 )
+from orchestrator.inference.cache_entry import LEVELS, compact, encode, quantise
 from orchestrator.inference.stats import aggregate_stats, percentile
 from orchestrator.inference.worker import (
     BackendSpec,
@@ -120,9 +121,9 @@ def test_disk_layout_and_no_temp_files_left(tmp_path: Path) -> None:
     cache = InferenceCache(tmp_path)
     cache.put(key, _seg(0))
     path = cache.path(key)
-    assert path == tmp_path / key.backend_dir / key.hex[:2] / f"{key.hex}.npz"
+    assert path == tmp_path / "v2" / key.backend_dir / key.hex[:2] / f"{key.hex}.entry"
     assert path.exists()
-    assert (tmp_path / key.backend_dir / "BACKEND_ID.txt").read_text() == "fake-v1\n"
+    assert (tmp_path / "v2" / key.backend_dir / "BACKEND_ID.txt").read_text() == "fake-v1\n"
     assert [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
 
 
@@ -159,16 +160,90 @@ def test_memory_only_cache_without_dir() -> None:
 
 
 def test_lru_evicts_least_recently_used_by_bytes() -> None:
-    one = canonical(_seg(0, size=10))  # 100 mask bytes + 400 prob bytes
-    lru = MemoryLRU(max_bytes=1000)
+    one = compact(_seg(0, size=10))  # 13 mask-bit bytes + 100 prob levels
+    lru = MemoryLRU(max_bytes=226)
     lru.put("a", one)
     lru.put("b", one)
     assert lru.get("a") is one  # "a" becomes the most recent
     lru.put("c", one)
     assert (lru.get("a"), lru.get("b"), lru.get("c")) == (one, None, one)
-    assert (len(lru), lru.nbytes) == (2, 1000)
-    lru.put("huge", canonical(_seg(1, size=40)))  # larger than the whole budget: not kept
+    assert (len(lru), lru.nbytes) == (2, 226)
+    lru.put("huge", compact(_seg(1, size=16)))  # larger than the whole budget: not kept
     assert lru.get("huge") is None and len(lru) == 2
+
+
+# --- the compact form -----------------------------------------------------------------------
+
+
+def test_quantise_keeps_the_half_threshold_and_half_a_level() -> None:
+    half = np.float32(0.5)
+    edges = [0.0, 1.0, half, np.nextafter(half, np.float32(1)), np.nextafter(half, np.float32(0))]
+    prob = np.concatenate([np.float32(edges), np.random.default_rng(0).random(10_000, np.float32)])
+    expanded = LEVELS[quantise(prob)]
+    assert np.array_equal(expanded > 0.5, prob > 0.5)
+    assert float(np.abs(expanded - prob).max()) <= 1 / 510 + 1e-7
+    assert (expanded[0], expanded[1]) == (0.0, 1.0)
+    assert LEVELS[127] < 0.5 < LEVELS[128]
+
+
+def test_frangi_entry_is_over_five_times_smaller_and_keeps_its_mask(tmp_path: Path) -> None:
+    from envs.synthetic import generate_samples
+    from models.frangi import FrangiSegmenter
+
+    image = generate_samples(1)[0].image
+    seg = FrangiSegmenter().segment(image, PROMPT)
+    key = CacheKey("frangi", image_digest(image), PROMPT)
+    cache = InferenceCache(tmp_path)
+    stored = cache.put(key, seg)
+    path = cache.path(key)
+    assert path is not None and image.shape[:2] == (512, 512)
+    assert path.stat().st_size * 5 < 512 * 512 * 4  # float32 prob alone was 1 MiB
+    assert stored.prob is not None and seg.prob is not None
+    assert np.array_equal(stored.mask, seg.mask)
+    assert np.array_equal(stored.prob > 0.5, seg.prob > 0.5)
+
+
+def test_read_error_keeps_the_entry_and_recomputes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = _key()
+    InferenceCache(tmp_path).put(key, _seg(0))
+    cache = InferenceCache(tmp_path)
+    path = cache.path(key)
+    assert path is not None
+
+    def unreadable(self: Path) -> bytes:
+        raise OSError(errno.ESTALE, "Stale file handle", str(self))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_bytes", unreadable)
+        assert cache.get(key, (16, 16)) is None
+    assert path.exists()
+    assert cache.counters()["disk_read_errors"] == 1 and cache.counters()["corrupt_entries"] == 0
+    hit = InferenceCache(tmp_path).get(key, (16, 16))
+    assert hit is not None
+    _assert_identical(hit.segmentation, canonical(_seg(0)))
+
+
+def test_failed_unlink_of_a_corrupt_entry_is_only_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = _key()
+    InferenceCache(tmp_path).put(key, _seg(0))
+    cache = InferenceCache(tmp_path)
+    path = cache.path(key)
+    assert path is not None
+    _garbage(path)
+
+    def read_only_dir(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only_dir)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.inference.cache"):
+        assert cache.get(key, (16, 16)) is None
+    assert cache.counters()["corrupt_entries"] == 1
+    assert "could not delete" in caplog.text
+    assert cache.put(key, _seg(0)) is not None  # the request is still answered and stored
 
 
 # --- corrupt entries ------------------------------------------------------------------------
@@ -179,7 +254,7 @@ def _truncate(path: Path) -> None:
 
 
 def _garbage(path: Path) -> None:
-    path.write_bytes(b"not a zip file at all")
+    path.write_bytes(b"not an entry at all")
 
 
 def _flip_middle_byte(path: Path) -> None:
@@ -189,21 +264,25 @@ def _flip_middle_byte(path: Path) -> None:
 
 
 def _tamper_prob_keep_checksum(path: Path) -> None:
-    key = path.stem
-    arrays = encode_entry(key, canonical(_seg(0)))
-    arrays["prob"] = arrays["prob"] + np.float32(1e-3)  # checksum now stale
-    with open(path, "wb") as fh:
-        np.savez(fh, **arrays)  # type: ignore[arg-type]
+    # A payload whose levels differ by one, under the original entry's (now stale) sha256.
+    entry = compact(_seg(0))
+    assert entry.prob_levels is not None
+    fine = encode(path.stem, entry)
+    tampered = encode(path.stem, entry._replace(prob_levels=entry.prob_levels ^ np.uint8(1)))
+    at = _digest_offset(fine)
+    path.write_bytes(tampered[:at] + fine[at : at + 32] + tampered[at + 32 :])
+
+
+def _digest_offset(data: bytes) -> int:
+    return 12 + int.from_bytes(data[8:12], "little")
 
 
 def _other_key_moved_here(path: Path) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, **encode_entry(_key(seed=9).hex, canonical(_seg(0))))  # type: ignore[arg-type]
+    path.write_bytes(encode(_key(seed=9).hex, compact(_seg(0))))
 
 
 def _wrong_shape(path: Path) -> None:
-    with open(path, "wb") as fh:
-        np.savez(fh, **encode_entry(path.stem, canonical(_seg(0, size=8))))  # type: ignore[arg-type]
+    path.write_bytes(encode(path.stem, compact(_seg(0, size=8))))
 
 
 @pytest.mark.parametrize(
@@ -242,7 +321,7 @@ def test_worker_recomputes_a_torn_entry(tmp_path: Path) -> None:
     factory = FakeBackendFactory(events_path=events)
     image = random_image(3)
     first = SegmentationWorker("w", factory, str(tmp_path / "cache")).segment(image, PROMPT)
-    (entry,) = (tmp_path / "cache").rglob("*.npz")
+    (entry,) = (tmp_path / "cache").rglob("*.entry")
     _truncate(entry)
     worker = SegmentationWorker("w", factory, str(tmp_path / "cache"))
     again = worker.segment(image, PROMPT)
@@ -286,7 +365,8 @@ def test_lookup_by_digest_serves_only_cached_answers(tmp_path: Path) -> None:
 
 def test_factory_description_is_stable() -> None:
     assert describe_factory(FakeBackendFactory(latency_s=0.5)) == (
-        "FakeBackendFactory(backend_id='fake-v1', latency_s=0.5, events_path=None, oom_above=None)"
+        "FakeBackendFactory(backend_id='fake-v1', latency_s=0.5, events_path=None, "
+        "oom_above=None, cuda_fault_prompt=None)"
     )
     assert describe_factory(random_image) == "fakes.random_image"  # type: ignore[arg-type]
     assert describe_factory(BackendSpec("frangi", {"sigma": 2})) == (

@@ -142,7 +142,7 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
         process.wait()
     assert not (root / "summary.json").exists()
-    forward_before = sum(1 for _ in cache.rglob("*.npz"))
+    forward_before = sum(1 for _ in cache.rglob("*.entry"))
 
     # Fewer CPUs now: one CPU worker instead of two. The restored trials find the resume's
     # workers by the run id (their configs name no worker).
@@ -153,7 +153,7 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
     assert summary["inference"]["workers"] == 1
     # The warm-up finished before the kill: every pair is served from the disk cache.
     assert summary["inference"]["forward_passes"] == 0
-    assert sum(1 for _ in cache.rglob("*.npz")) == forward_before
+    assert sum(1 for _ in cache.rglob("*.entry")) == forward_before
 
 
 def test_resume_refuses_flags_that_contradict_the_run(tmp_path: Path, capsys) -> None:

@@ -20,6 +20,7 @@ import json
 import logging
 
 from models.errors import UserError
+from orchestrator.config import load_config
 from orchestrator.gpu import budget as gb
 from orchestrator.gpu import inventory as gpu_inventory
 
@@ -78,7 +79,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also print the `ray start` line per node that enforces the plan on a cluster",
     )
+    disk = parser.add_argument_group("disk plan (what a run writes, against free space)")
+    disk.add_argument(
+        "--disk",
+        action="store_true",
+        help="show the disk plan of a run of --config into --output instead of the GPU plan",
+    )
+    disk.add_argument("--config", metavar="FILE", help="run config (default: quick mode)")
+    disk.add_argument(
+        "--output", metavar="DIR", help="the run's --output (default: runs/<mode of --config>)"
+    )
+    disk.add_argument("--cache-dir", metavar="DIR", help="the run's --cache-dir")
     parser.set_defaults(func=run)
+
+
+def _disk_plan(args: argparse.Namespace) -> int:
+    """Print the disk plan of a run (:mod:`orchestrator.disk`); exit 2 when it does not fit."""
+    from pathlib import Path
+
+    from orchestrator.disk import plan_before_run
+    from orchestrator.pipeline import DEFAULT_CONFIG, RunOptions, default_output
+    from orchestrator.run_dir import RunPaths
+
+    options = RunOptions(config=args.config, cache_dir=args.cache_dir)
+    config = load_config(args.config or DEFAULT_CONFIG, options.overrides())
+    paths = RunPaths(Path(args.output or default_output(options)).expanduser().resolve())
+    plan = plan_before_run(config, paths)
+    print(plan.format())
+    plan.require()
+    return 0
 
 
 def _footprint_table() -> str:
@@ -96,6 +125,8 @@ def _footprint_table() -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Build the plan, print it, exit 2 (PlanError) when no worker fits."""
+    if args.disk:
+        return _disk_plan(args)
     if args.margin_gb < 0:
         raise UserError(f"--margin-gb must be >= 0, got {args.margin_gb:g}")
     footprint = _footprint(args)

@@ -36,6 +36,7 @@ Exit codes: 0 all trials finished, 1 a trial failed (see report.md), 2 bad input
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.commands.words import CONFIG_WORDS
@@ -127,9 +128,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.disk import disk_full_error, disk_full_path
+    from orchestrator.pipeline import default_output
     from orchestrator.pipeline import run as run_pipeline
 
-    return run_pipeline(run_options(args))
+    options = run_options(args)
+    try:
+        return run_pipeline(options)
+    except Exception as err:
+        # A full disk anywhere (a writer here, a trial, a worker, Tune itself): one message.
+        path = disk_full_path(err)
+        if path is None:
+            raise
+        root = Path(options.output or default_output(options)).expanduser().resolve()
+        raise disk_full_error(path, root) from None
 
 
 def run_options(args: argparse.Namespace, **more: Any) -> RunOptions:

@@ -28,6 +28,7 @@ COUNTERS = (
     "disk_hits",
     "cache_misses",
     "corrupt_entries",
+    "disk_read_errors",
     "disk_write_errors",
     "oom_retries",
     "oom_failures",

@@ -28,6 +28,7 @@ from tensorboardX import SummaryWriter
 from envs.normalisation import ObservationStats, fit_stats
 from envs.objectives import NoObjective
 from orchestrator import metric_keys as mk
+from orchestrator.disk import inject_fault
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.statistics import summarise
 from orchestrator.experiments import ENV_NAME, TrialSpec, make_env, trial_env
@@ -205,6 +206,7 @@ def _report(
     if not sink.keeps_checkpoints:
         sink.report(metrics)
         return
+    inject_fault(sink.trial_dir / "checkpoint")
     with tempfile.TemporaryDirectory() as directory:
         rllib_algorithm(algo).save_to_path(Path(directory) / ALGO_DIR)
         shutil.copyfile(best.path, Path(directory) / BEST_POLICY_FILE)

@@ -21,6 +21,7 @@ from models.segmentation import Segmenter
 from orchestrator import metric_keys as mk
 from orchestrator import run_dir
 from orchestrator.config import RunConfig
+from orchestrator.disk import inject_fault
 from orchestrator.experiments import TrialSpec
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.progress_metrics import export_progress
@@ -107,6 +108,7 @@ def _train(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str,
         device = trial_cuda_device() or "cpu"
     model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch, device=device)
     writer.close()
+    inject_fault(paths.reward_net)
     reward_net.save_checkpoint(
         paths.reward_net,
         model,

@@ -25,6 +25,7 @@ from ray import tune
 from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
 from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
+from orchestrator.training.disk_watch import DiskWatch, disk_watched, repair_tune_state
 from orchestrator.training.trainable import run_trial
 from orchestrator.training.trial_status import READY, RUNNING, board
 
@@ -102,6 +103,8 @@ def fit(
     param_space = {**specs[0], "trial": tune.grid_search([s["trial"] for s in specs])}
     names = [t.name for t in trials]
     print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
+    if options.resume and (repaired := repair_tune_state(paths.tune_dir)):
+        print(f"  {repaired}")
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
         print(f"  resuming the Tune experiment in {paths.tune_dir}")
         # Its run config (with the StatusCallback of this run id) comes back with it.
@@ -126,7 +129,10 @@ def fit(
                 storage_path=str(paths.root),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-                callbacks=[StatusCallback(run_id)],
+                callbacks=[
+                    StatusCallback(run_id),
+                    DiskWatch(paths.tune_dir, disk_watched(config, paths)),
+                ],
                 verbose=1,
             ),
         )
