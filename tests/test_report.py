@@ -240,11 +240,12 @@ def test_report_states_verdicts_that_match_the_summary(run: RunPaths, summary: d
     assert text.startswith("# sa2va-rl run: smoke mode, frangi backend\n")
     for method in METHODS[1:]:
         diff = summary["methods"][method]["vs_baseline"]["dice"]
-        estimate = Estimate(diff["mean"], *diff["ci95"])
+        videos = summary["methods"][method]["videos"]
+        estimate = Estimate(diff["mean"], *diff["ci95"], groups=videos)
         line = next(x for x in text.splitlines() if x.startswith(f"- {method}: "))
         assert re.match(
             rf"- {method}: [+-]\d\.\d{{3}} \[-?\d\.\d{{3}}, -?\d\.\d{{3}}\] Dice vs baseline — "
-            rf"{verdict(estimate)}; Recall ",
+            rf"{re.escape(verdict(estimate))}( \(image-level [^)]*\))?; Recall ",
             line,
         ), line
     beats = _section(text, "Verdicts").split("best fixed prompt?**", 1)[1]

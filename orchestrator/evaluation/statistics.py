@@ -16,7 +16,7 @@ give exactly the CI of one frame per video).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,13 +34,20 @@ spread, and with fewer than ~8 its 95% CI is known to under-cover badly (Cameron
 Miller 2008 find cluster-robust inference unreliable below 5-10 clusters)."""
 
 
+UNDETERMINED = "undetermined (one video)"
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A mean with its 95% bootstrap confidence interval."""
+    """A mean with its 95% bootstrap confidence interval.
+
+    ``groups``: how many groups (videos, or images at image level) the bootstrap resampled;
+    with one, the CI is a point and says nothing (``None``: not known, e.g. read back)."""
 
     mean: float
     low: float
     high: float
+    groups: int | None = field(default=None, compare=False)
 
 
 def bootstrap_mean(
@@ -79,7 +86,7 @@ def bootstrap_mean(
     low, high = np.percentile(means, [2.5, 97.5])
     mean = float(data.mean())
     # Percentiles of resampled means can miss the sample mean by rounding on tiny samples.
-    return Estimate(mean, float(min(low, mean)), float(max(high, mean)))
+    return Estimate(mean, float(min(low, mean)), float(max(high, mean)), n_groups)
 
 
 def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
@@ -91,7 +98,10 @@ def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray
 
 
 def verdict(difference: Estimate) -> str:
-    """ "better" / "worse" when the paired 95% CI excludes 0, else "no significant difference"."""
+    """ "better" / "worse" when the paired 95% CI excludes 0, else "no significant difference";
+    :data:`UNDETERMINED` when it resampled a single video (its CI is a point)."""
+    if difference.groups is not None and difference.groups < 2:
+        return UNDETERMINED
     if difference.low > 0:
         return "better"
     if difference.high < 0:
