@@ -198,39 +198,49 @@ def summarise(
     by_method: dict[str, list[ImageResult]] = {}
     for row in rows:
         by_method.setdefault(row.method, []).append(row)
-    out = {}
-    for method, method_rows in by_method.items():
-        table = _Table(method_rows)
-        videos = table.ids if groups is None else [groups[i] for i in table.ids]
+    refs = {ref: by_method[ref] for ref in references if ref in by_method}
+    return {
+        method: _summary(method, method_rows, refs, groups, seed)
+        for method, method_rows in by_method.items()
+    }
 
-        def estimates(level: Sequence[str] | None) -> dict[str, Estimate]:
-            return {
-                name: bootstrap_mean(table.matrix(name, table.ids), groups=level, seed=seed)
-                for name in METRIC_NAMES
-            }
 
-        def differences(level: Mapping[str, str] | None) -> dict[str, dict[str, Estimate]]:
-            return {
-                ref: paired_difference(method_rows, by_method[ref], groups=level, seed=seed)
-                for ref in references
-                if ref in by_method
-            }
+def _summary(
+    method: str,
+    rows: list[ImageResult],
+    references: Mapping[str, list[ImageResult]],
+    groups: Mapping[str, str] | None,
+    seed: int,
+) -> MethodSummary:
+    table = _Table(rows)
+    videos = table.ids if groups is None else [groups[i] for i in table.ids]
+    matrices = {name: table.matrix(name, table.ids) for name in METRIC_NAMES}
 
-        per_seed = {
-            s: {name: float(table.matrix(name, table.ids)[k].mean()) for name in METRIC_NAMES}
-            for k, s in enumerate(table.seeds)
+    def estimates(level: Sequence[str] | None) -> dict[str, Estimate]:
+        return {
+            name: bootstrap_mean(matrix, groups=level, seed=seed)
+            for name, matrix in matrices.items()
         }
-        out[method] = MethodSummary(
-            method=method,
-            n=len(table.ids),
-            metrics=estimates(videos),
-            paired=differences(groups),
-            image_metrics=estimates(None),
-            image_paired=differences(None),
-            videos=len(set(videos)),
-            per_seed=per_seed,
-        )
-    return out
+
+    def differences(level: Mapping[str, str] | None) -> dict[str, dict[str, Estimate]]:
+        return {
+            ref: paired_difference(rows, ref_rows, groups=level, seed=seed)
+            for ref, ref_rows in references.items()
+        }
+
+    return MethodSummary(
+        method=method,
+        n=len(table.ids),
+        metrics=estimates(videos),
+        paired=differences(groups),
+        image_metrics=estimates(None),
+        image_paired=differences(None),
+        videos=len(set(videos)),
+        per_seed={
+            s: {name: float(matrix[k].mean()) for name, matrix in matrices.items()}
+            for k, s in enumerate(table.seeds)
+        },
+    )
 
 
 def ordered(summaries: Mapping[str, MethodSummary]) -> list[MethodSummary]:

@@ -166,9 +166,7 @@ def _in_short(summaries: Mapping[str, MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def _results_table(
-    summaries: Mapping[str, MethodSummary], val: Mapping[str, MethodSummary]
-) -> str:
+def _results_table(summaries: Mapping[str, MethodSummary], val: Mapping[str, MethodSummary]) -> str:
     lines = [
         "## Results on the test split",
         "",
