@@ -51,8 +51,15 @@ def test_a_started_run_or_foreign_files_still_block(tmp_path: Path, extra: str) 
 
 
 def test_registry_names_every_trial_once_in_launch_order() -> None:
-    assert [t.name for t in TRIALS] == ["prompt", "postprocess", "reward_net", "reward_guided"]
-    assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided"]
+    assert [t.name for t in TRIALS] == [
+        "prompt",
+        "postprocess",
+        "reward_net",
+        "reward_guided",
+        "combined",
+    ]
+    assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided", "combined"]
+    assert [(t.name, t.after) for t in TRIALS if t.after] == [("combined", "prompt")]
     assert RL_METHODS == ("prompt_rl", "postprocess_rl", "reward_rl", "combined")
     assert [t.name for t in TRIALS if t.uses_gpu] == ["reward_net"]
     assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided"]

@@ -5,7 +5,9 @@ it in ``params.json``). Environments reach the models only through a
 :class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
-``--resume``; the reward-net trial reports one result per epoch.
+``--resume``; the reward-net trial reports one result per epoch. A PPO trial another one trains
+after (the registry's ``after``) hands its best policy off when it finishes
+(:mod:`orchestrator.training.handoff`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.experiments import TrialSpec
+from orchestrator.experiments import TrialSpec, awaited
 from orchestrator.inference.client import SegmentationClient
+from orchestrator.run_dir import BEST_POLICY_FILE
+from orchestrator.training.handoff import handing_off
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
@@ -54,4 +58,9 @@ def run_trial(param: dict[str, Any]) -> None:
         train_run_reward_net(spec, client, TuneSink())
         return
     yield_to_reward_chain(spec.trial, spec.run)
-    train_ppo(spec, client, TuneSink())
+    sink = TuneSink()
+    if not awaited(spec.trial):
+        train_ppo(spec, client, sink)
+        return
+    with handing_off(spec.paths, spec.name, sink.trial_dir / BEST_POLICY_FILE):
+        train_ppo(spec, client, sink)
