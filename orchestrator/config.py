@@ -373,6 +373,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return parse_config(data, source=str(path))
 
 
+def with_overrides(config: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
+    """``config`` with ``overrides`` (nested dict) applied, validated like a loaded one."""
+    return parse_config(_merge(config_to_dict(config), overrides), source=source)
+
+
 def config_to_dict(config: RunConfig) -> dict[str, Any]:
     """Plain-YAML/JSON form (tuples as lists) of a resolved config, for the run directory."""
     return config.model_dump(mode="json")

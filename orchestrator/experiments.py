@@ -16,9 +16,14 @@ combined       2 post-processing  PPO over PostProcess-v0 starting from the mask
                                   the prompt trial of its seed is done (``after``)
 =============  =================  =====================================================
 
+A trial that depends on another names it in ``after``: it waits for that trial's READY and
+stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`).
+
 Seeds: every PPO trial runs once per training seed (``ppo.seeds``); an *instance* is a trial at
 one seed index, named ``prompt`` (index 0) or ``prompt_seed1`` (:func:`instance_name`); its PPO
-seed is ``ppo.seed`` plus the index. The reward net is trained once and serves every seed.
+seed is ``ppo.seed`` plus the index. The reward net is trained once and serves every seed; a trial
+waits for the instance of its ``after`` trial with its own seed when that trial is seeded
+(:attr:`TrialSpec.awaits`).
 
 Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
 compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
@@ -44,7 +49,7 @@ from envs.sources import DataRef, load_split
 from models.reward_net import MaskScorer, RewardPrediction, RewardScorer, load_checkpoint
 from orchestrator.config import PpoConfig, RunConfig, config_to_dict, parse_config
 from orchestrator.run_dir import RunPaths
-from orchestrator.training.reward_net_status import wait_for_reward_net
+from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
     from models.segmentation import Segmenter
@@ -59,13 +64,15 @@ class Trial:
         experiment: the experiment it belongs to (``config.experiments`` names these).
         env_class: the environment a PPO trial learns in; ``None`` for supervised trials.
         method: the evaluation method of its policy (``eval/per_image.csv``), or ``None``.
-        needs_reward_net: it waits for the reward-net trial of the same run to be READY.
+        needs_reward_net: its environment scores masks with the run's reward net (and so it
+            waits for the reward-net trial: ``after``).
         trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
-        after: the trial (of the same seed) whose exported policy this one trains on: it
-            starts once that one is done (:mod:`orchestrator.training.handoff`), and runs only
-            when that one does.
+        after: the trial of the same run whose READY this one waits for before it needs its
+            outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``; the
+            trial runs only when that one does. A PPO trial that another one comes after hands
+            its best policy off (:mod:`orchestrator.training.handoff`).
     """
 
     name: str
@@ -86,7 +93,12 @@ PROMPT = Trial("prompt", "prompt", PromptSelectionEnv, "prompt_rl")
 POSTPROCESS = Trial("postprocess", "postprocess", PostProcessEnv, "postprocess_rl")
 REWARD_NET = Trial("reward_net", "reward", trains_reward_net=True, uses_gpu=True)
 REWARD_GUIDED = Trial(
-    "reward_guided", "reward", RewardGuidedPromptEnv, "reward_rl", needs_reward_net=True
+    "reward_guided",
+    "reward",
+    RewardGuidedPromptEnv,
+    "reward_rl",
+    needs_reward_net=True,
+    after=REWARD_NET.name,
 )
 COMBINED = Trial("combined", "postprocess", PostProcessEnv, "combined", after=PROMPT.name)
 TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED, COMBINED)
@@ -162,7 +174,9 @@ class TrialSpec:
         trial: the registry entry.
         run: the resolved run config.
         root: the run directory.
-        workers: the segmentation workers' Ray names (empty: in-process workers).
+        run_id: the run's id: the trial finds its run's segmentation workers and status board
+            by it when it starts (:mod:`orchestrator.run_id`), never from a list frozen into
+            its config, so a resumed run may have more or fewer workers.
         backend_id: the workers' backend id (ties checkpoints and policies to it).
         data: the run's data reference (every data setting; the split manifest and its hash).
         gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
@@ -173,7 +187,7 @@ class TrialSpec:
     trial: Trial
     run: RunConfig
     root: str
-    workers: tuple[str, ...]
+    run_id: str
     backend_id: str
     data: DataRef
     gpu_mem_mb: int = 0
@@ -183,6 +197,15 @@ class TrialSpec:
     def name(self) -> str:
         """The instance name (:func:`instance_name`): Tune's ``config["trial"]``."""
         return instance_name(self.trial, self.seed)
+
+    @property
+    def awaits(self) -> str | None:
+        """The instance this one waits for: its ``after`` trial, at this seed when that trial
+        runs once per seed (a PPO trial), else its one instance."""
+        if self.trial.after is None:
+            return None
+        before = trial(self.trial.after)
+        return instance_name(before, self.seed if before.is_ppo else 0)
 
     @property
     def ppo(self) -> PpoConfig:
@@ -204,7 +227,7 @@ class TrialSpec:
             "trial": self.name,
             "run": config_to_dict(self.run),
             "root": self.root,
-            "workers": list(self.workers),
+            "run_id": self.run_id,
             "backend_id": self.backend_id,
             "data": self.data.to_dict(),
             "gpu_mem_mb": self.gpu_mem_mb,
@@ -219,7 +242,7 @@ class TrialSpec:
             seed=seed,
             run=parse_config(dict(param["run"]), source="trial config"),
             root=str(param["root"]),
-            workers=tuple(param["workers"]),
+            run_id=str(param["run_id"]),
             backend_id=str(param["backend_id"]),
             data=DataRef.from_dict(param["data"]),
             gpu_mem_mb=int(param.get("gpu_mem_mb", 0)) if spec.uses_gpu else 0,
@@ -288,8 +311,9 @@ class RunRewardNet:
     """The run's reward net, loaded when it first scores a mask: an env of the reward-guided
     trial can be built (and its observation statistics fitted) while step 1 still trains.
 
-    The first :meth:`score` waits for the reward-net trial to be READY (it raises at once, with
-    the reason, when that trial FAILED) and loads the checkpoint (:func:`run_reward_scorer`).
+    The first :meth:`score` waits for the trial's ``after`` (the reward-net trial) to be READY
+    (it raises at once, with the reason, when that trial FAILED) and loads the checkpoint
+    (:func:`run_reward_scorer`).
     """
 
     def __init__(self, spec: TrialSpec) -> None:
@@ -298,7 +322,7 @@ class RunRewardNet:
 
     def load(self) -> RewardScorer:
         if self._scorer is None:
-            wait_for_reward_net(self.spec.paths)
+            wait_for(self.spec)
             self._scorer = run_reward_scorer(self.spec)
         return self._scorer
 
@@ -322,15 +346,15 @@ def trial_env(
 def prompts_after(
     spec: TrialSpec, segmenter: Segmenter, samples: Sequence[Sample]
 ) -> dict[str, str]:
-    """Image id -> the prompt the policy of ``spec``'s ``after`` trial (same seed) ends on,
-    once that trial has handed its policy off (blocks until then)."""
-    from orchestrator.training.handoff import wait_for_policy
+    """Image id -> the prompt the policy of the instance ``spec`` waits for ends on, once that
+    instance is READY (blocks until then; it handed its policy off before)."""
+    from orchestrator.training.handoff import policy_path
     from orchestrator.training.ppo import ExportedPolicy
 
-    assert spec.trial.after is not None, "only a trial with `after` trains on another's policy"
-    before = trial(spec.trial.after)
-    policy = ExportedPolicy.load(wait_for_policy(spec.paths, instance_name(before, spec.seed)))
-    env = build_env(before, spec.run, samples, segmenter)
+    assert spec.awaits is not None, "only a trial with `after` trains on another's policy"
+    wait_for(spec)
+    policy = ExportedPolicy.load(policy_path(spec.paths, spec.awaits))
+    env = build_env(trial(spec.awaits), spec.run, samples, segmenter)
     return final_prompts(env, policy.act, [s.id for s in samples])
 
 

@@ -30,8 +30,9 @@ from orchestrator.experiments import (
     trials_of_experiment,
 )
 from orchestrator.run_dir import RunPaths
-from orchestrator.training.handoff import handing_off, policy_path, wait_for_policy
+from orchestrator.training.handoff import hand_off
 from orchestrator.training.ppo import ExportedPolicy, export_policy
+from orchestrator.training.trial_status import FAILED, READY, host_locally
 from tests.fakes import FakeSegmenter
 
 SMOKE = load_config(CONFIG_DIR / "smoke.yaml")
@@ -40,7 +41,7 @@ TWO_SEEDS = SMOKE.model_copy(update={"ppo": SMOKE.ppo.model_copy(update={"seeds"
 
 def _spec(trial_name: str, root: Path, config=SMOKE) -> TrialSpec:  # type: ignore[no-untyped-def]
     spec, seed = parse_instance(trial_name)
-    return TrialSpec(spec, config, str(root), (), "fake", DataRef("/d", None, ""), seed=seed)
+    return TrialSpec(spec, config, str(root), root.name, "fake", DataRef("/d", None, ""), seed=seed)
 
 
 def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path) -> None:
@@ -66,6 +67,10 @@ def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path
     assert (second.trial, second.seed, second.name) == (PROMPT, 1, "prompt_seed1")
     assert second.ppo.seed == TWO_SEEDS.ppo.seed + 1 and second.run == TWO_SEEDS
     assert trial("combined_seed1") is COMBINED
+    # A seeded trial waits for the instance of its seed; the reward net serves every seed.
+    assert _spec("combined_seed1", tmp_path, TWO_SEEDS).awaits == "prompt_seed1"
+    assert _spec("reward_guided_seed1", tmp_path, TWO_SEEDS).awaits == "reward_net"
+    assert _spec("prompt_seed1", tmp_path, TWO_SEEDS).awaits is None
     with pytest.raises(KeyError, match="unknown trial 'prompt_seedx'"):
         trial("prompt_seedx")
 
@@ -97,10 +102,10 @@ class _ConstantPolicy(torch.nn.Module):
 
 
 def _hand_off_prompt_policy(paths: RunPaths, instance: str, env_obs_dim: int, action: int) -> None:
+    """What the prompt trial ``instance`` does when it finishes: hand off, then say READY."""
     module = _ConstantPolicy(env_obs_dim, len(SMOKE.env.prompts), action)
-    best = export_policy(module, paths.root / "best.pt", {"trial": instance})
-    with handing_off(paths, instance, best):
-        pass
+    hand_off(paths, instance, export_policy(module, paths.root / "best.pt", {"trial": instance}))
+    host_locally(paths.root.name, str(paths.root)).set(instance, READY)
 
 
 def test_combined_trains_on_the_prompt_policys_masks(tmp_path: Path) -> None:
@@ -121,16 +126,10 @@ def test_combined_trains_on_the_prompt_policys_masks(tmp_path: Path) -> None:
         want = segmenter.segment(sample.image, SMOKE.env.prompts[chosen]).mask
         default = segmenter.segment(sample.image, SMOKE.env.default_prompt).mask
         assert np.array_equal(env.state.mask, want) and not np.array_equal(want, default)
-    # Without a handed-off policy of its own seed, the combined trial of seed 0 waits.
-    assert not policy_path(RunPaths(tmp_path), "prompt").exists()
-
-
-def test_a_failed_trial_stops_the_one_waiting_for_it(tmp_path: Path) -> None:
-    paths = RunPaths(tmp_path)
-    with pytest.raises(RuntimeError), handing_off(paths, "prompt", tmp_path / "none.pt"):
-        raise RuntimeError("no policy")
-    with pytest.raises(UserError, match=r"trial 'prompt' failed \(RuntimeError: no policy\)"):
-        wait_for_policy(paths, "prompt", poll_s=0.01)
+    # The combined trial of seed 0 waits for prompt (seed 0), which failed here.
+    host_locally(tmp_path.name, str(tmp_path)).set("prompt", FAILED, "RuntimeError: no policy")
+    with pytest.raises(UserError, match=r"the prompt trial failed \(RuntimeError: no policy\)"):
+        prompts_after(_spec("combined", tmp_path), segmenter, samples)
 
 
 def test_seeds_are_evaluated_separately_and_aggregated(tmp_path: Path) -> None:

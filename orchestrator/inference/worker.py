@@ -23,6 +23,12 @@ in pixels) down to ``min_input_cap`` and retries the same request; below the flo
 fails with :class:`SegmentationOutOfMemoryError`. Both are counted (``oom_retries``,
 ``oom_failures``). Results computed under an OOM-lowered cap carry the flag
 ``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation.
+
+Any other CUDA error (an illegal memory access, a device-side assert) leaves the CUDA context
+unusable, so every later request would fail too: inside Ray the worker logs it, naming the
+request, and ends its process (exit code :data:`EXIT_CUDA_FAULT`); Ray restarts it with a
+fresh context, and the request's client retries (a bounded number of times). Outside Ray
+(``train --local``) the error is raised to the caller.
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_INPUT_CAP = 256
 """Floor of the OOM back-off, in pixels of the longest side."""
+EXIT_CUDA_FAULT = 70
+"""Exit code of a Ray worker that ended itself after a CUDA error other than OOM."""
 
 BackendFactory = Callable[[], Segmenter]
 """A picklable zero-argument callable that builds the backend inside the worker."""
@@ -109,7 +117,8 @@ class SegmentationWorker:
     """One backend, its cache and its statistics (the body of the Ray actor).
 
     Args:
-        name: the worker's name (``segmentation-worker-<i>``); tags its metrics.
+        name: the worker's name (``<run id>:segmentation-worker-<i>`` in a run); tags its
+            metrics.
         backend_factory: builds the backend, called once here (once per incarnation).
         cache_dir: the disk cache shared by all workers and runs, or ``None`` for memory only.
         memory_cache_bytes: bound of the memory LRU.
@@ -130,6 +139,7 @@ class SegmentationWorker:
         self.name = name
         self._factory_description = describe_factory(backend_factory)
         restarts, in_ray = _record_incarnation(name, cache_dir)
+        self._in_ray = in_ray
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
         self._backend = backend_factory()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
@@ -292,6 +302,8 @@ class SegmentationWorker:
             try:
                 seg = self._backend.segment(image, prompt)
             except Exception as err:
+                if _is_cuda_fault(err) and self._in_ray:
+                    self._end_process(image, prompt, err)
                 if not _is_cuda_oom(err):
                     raise
                 message = str(err)
@@ -302,6 +314,21 @@ class SegmentationWorker:
             # so emptying the CUDA cache can actually return their memory.
             self._recover_from_oom(image, prompt, message, attempt)
             attempt += 1
+
+    def _end_process(self, image: np.ndarray, prompt: str, err: BaseException) -> None:
+        """After a CUDA error other than OOM: end this process so that Ray restarts it clean."""
+        log.critical(
+            "%s: CUDA error on a %dx%d image (digest %s), prompt %r: %s; ending the worker "
+            "process so that Ray restarts it with a fresh CUDA context",
+            self.name,
+            image.shape[1],
+            image.shape[0],
+            image_digest(image)[:12],
+            prompt,
+            err,
+        )
+        logging.shutdown()
+        os._exit(EXIT_CUDA_FAULT)
 
     def _recover_from_oom(self, image: np.ndarray, prompt: str, message: str, attempt: int) -> None:
         """Free memory and lower the cap for a retry, or raise when nothing is left to lower."""
@@ -361,6 +388,18 @@ def _is_cuda_oom(err: BaseException) -> bool:
         return False
     oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(err, oom_type)
+
+
+def _is_cuda_fault(err: BaseException) -> bool:
+    """A CUDA error that is not an OOM (``torch.AcceleratorError``, or a RuntimeError that
+    says "CUDA error" on builds without that type)."""
+    torch = sys.modules.get("torch")
+    if torch is None or _is_cuda_oom(err):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    return isinstance(err, RuntimeError) and "CUDA error" in str(err)
 
 
 def _free_cuda_cache() -> None:

@@ -2,11 +2,13 @@
 
 Its ``config`` is a :class:`~orchestrator.experiments.TrialSpec` in plain-data form (Tune stores
 it in ``params.json``). Environments reach the models only through a
-:class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
+:class:`~orchestrator.inference.client.SegmentationClient` over the run's Ray workers, found by
+the run id when the trial starts. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
-``--resume``; the reward-net trial reports one result per epoch. A PPO trial another one trains
-after (the registry's ``after``) hands its best policy off when it finishes
+``--resume``; the reward-net trial reports one result per epoch. Every trial says RUNNING and
+READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`); a PPO
+trial another one trains after (the registry's ``after``) hands its best policy off first
 (:mod:`orchestrator.training.handoff`).
 """
 
@@ -22,10 +24,11 @@ from ray import tune
 from orchestrator.experiments import TrialSpec, awaited
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.run_dir import BEST_POLICY_FILE
-from orchestrator.training.handoff import handing_off
+from orchestrator.training.handoff import hand_off
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
+from orchestrator.training.trial_status import reporting
 
 
 class TuneSink:
@@ -53,14 +56,13 @@ class TuneSink:
 def run_trial(param: dict[str, Any]) -> None:
     """Tune entry point: the trial of ``param`` (a :meth:`TrialSpec.to_param`)."""
     spec = TrialSpec.from_param(param)
-    client = SegmentationClient(spec.workers)
-    if spec.trial.trains_reward_net:
-        train_run_reward_net(spec, client, TuneSink())
-        return
-    yield_to_reward_chain(spec.trial, spec.run)
-    sink = TuneSink()
-    if not awaited(spec.trial):
+    client = SegmentationClient.for_run(spec.run_id)
+    with reporting(spec):
+        if spec.trial.trains_reward_net:
+            train_run_reward_net(spec, client, TuneSink())
+            return
+        yield_to_reward_chain(spec.trial, spec.run)
+        sink = TuneSink()
         train_ppo(spec, client, sink)
-        return
-    with handing_off(spec.paths, spec.name, sink.trial_dir / BEST_POLICY_FILE):
-        train_ppo(spec, client, sink)
+        if awaited(spec.trial):
+            hand_off(spec.paths, spec.name, sink.trial_dir / BEST_POLICY_FILE)
