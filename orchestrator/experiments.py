@@ -71,8 +71,10 @@ class Trial:
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
         after: the trial of the same run whose READY this one waits for before it needs its
             outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``; the
-            trial runs only when that one does. A PPO trial that another one comes after hands
-            its best policy off (:mod:`orchestrator.training.handoff`).
+            trial runs only when that one does.
+        starts_from_after: its episodes start from the mask of the prompt the ``after``
+            trial's policy (same seed) chooses per image (the combined trial); that trial
+            hands its policy off (:mod:`orchestrator.training.handoff`).
     """
 
     name: str
@@ -83,6 +85,7 @@ class Trial:
     trains_reward_net: bool = False
     uses_gpu: bool = False
     after: str | None = None
+    starts_from_after: bool = False
 
     @property
     def is_ppo(self) -> bool:
@@ -100,7 +103,14 @@ REWARD_GUIDED = Trial(
     needs_reward_net=True,
     after=REWARD_NET.name,
 )
-COMBINED = Trial("combined", "postprocess", PostProcessEnv, "combined", after=PROMPT.name)
+COMBINED = Trial(
+    "combined",
+    "postprocess",
+    PostProcessEnv,
+    "combined",
+    after=PROMPT.name,
+    starts_from_after=True,
+)
 TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED, COMBINED)
 """Every trial, in launch order (reward_net before reward_guided, prompt before combined)."""
 PPO_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.is_ppo)
@@ -119,9 +129,9 @@ def trial(name: str) -> Trial:
     return parse_instance(name)[0]
 
 
-def awaited(spec: Trial) -> bool:
-    """Whether another trial trains ``after`` this one."""
-    return any(t.after == spec.name for t in TRIALS)
+def hands_off(spec: Trial) -> bool:
+    """Whether another trial starts from this one's policy (``starts_from_after``)."""
+    return any(t.after == spec.name and t.starts_from_after for t in TRIALS)
 
 
 def instance_name(spec: Trial, seed: int) -> str:
@@ -335,11 +345,12 @@ def trial_env(
 ) -> SegmentationEnv:
     """The environment of ``spec`` on ``split`` of the run's data (loaded once per process);
     a trial that needs the reward net gets :class:`RunRewardNet` (loaded on first use); a
-    trial with ``after`` waits for that trial's policy and starts every image from the prompt
-    it chooses (:func:`prompts_after`)."""
+    trial that ``starts_from_after`` waits for that trial's policy and starts every image from
+    the prompt it chooses (:func:`prompts_after`)."""
     samples = load_split(spec.data, split, max_images)
     scorer = RunRewardNet(spec) if spec.trial.needs_reward_net else None
-    base_prompts = prompts_after(spec, segmenter, samples) if spec.trial.after else None
+    starts = spec.trial.starts_from_after
+    base_prompts = prompts_after(spec, segmenter, samples) if starts else None
     return build_env(spec.trial, spec.run, samples, segmenter, scorer, base_prompts)
 
 
@@ -351,7 +362,7 @@ def prompts_after(
     from orchestrator.training.handoff import policy_path
     from orchestrator.training.ppo import ExportedPolicy
 
-    assert spec.awaits is not None, "only a trial with `after` trains on another's policy"
+    assert spec.awaits is not None, "only a trial with `after` starts from another's policy"
     wait_for(spec)
     policy = ExportedPolicy.load(policy_path(spec.paths, spec.awaits))
     env = build_env(trial(spec.awaits), spec.run, samples, segmenter)

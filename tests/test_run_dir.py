@@ -13,6 +13,7 @@ from orchestrator.experiments import (
     RL_METHODS,
     TRIALS,
     TrialSpec,
+    hands_off,
     trial,
     trials_for,
 )
@@ -66,6 +67,9 @@ def test_registry_names_every_trial_once_in_launch_order() -> None:
         "reward_guided": "reward_net",
         "combined": "prompt",
     }
+    # Only the combined trial starts from another's policy (reward_guided only waits).
+    assert [t.name for t in TRIALS if t.starts_from_after] == ["combined"]
+    assert [t.name for t in TRIALS if hands_off(t)] == ["prompt"]
     assert {t.experiment for t in TRIALS} == set(EXPERIMENTS)  # the schema's names
     config = load_config(CONFIG_DIR / "smoke.yaml")
     assert trials_for(config) == list(TRIALS)

@@ -115,16 +115,16 @@ def policy_steps(
     policies: Mapping[str, Policy], envs: Mapping[str, SegmentationEnv], evaluator: Evaluator
 ) -> list[tuple[str, Callable[[], list[ImageResult]]]]:
     """(method, compute) steps of every trial instance's policy (``envs``: each instance's
-    environment on the evaluator's images); rows carry the instance's seed. A trial trained
-    ``after`` another runs after that trial's policy of the same seed (``combined``), and is
-    left out without it."""
+    environment on the evaluator's images); rows carry the instance's seed. A trial that
+    ``starts_from_after`` runs after that trial's policy of the same seed (``combined``), and
+    is left out without it."""
     steps = []
     for name, policy in policies.items():
         spec, seed = parse_instance(name)
         assert spec.method is not None, "a PPO trial has an evaluation method"
-        if spec.after is None:
+        if not spec.starts_from_after:
             evaluate = functools.partial(evaluator.policy, spec.method, envs[name], policy)
-        elif (before := instance_name(trial(spec.after), seed)) in policies:
+        elif (before := instance_name(trial(str(spec.after)), seed)) in policies:
             evaluate = functools.partial(
                 evaluator.combined, envs[before], policies[before], envs[name], policy
             )

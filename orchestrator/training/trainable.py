@@ -21,7 +21,7 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.experiments import TrialSpec, awaited
+from orchestrator.experiments import TrialSpec, hands_off
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.run_dir import BEST_POLICY_FILE
 from orchestrator.training.handoff import hand_off
@@ -64,5 +64,5 @@ def run_trial(param: dict[str, Any]) -> None:
         yield_to_reward_chain(spec.trial, spec.run)
         sink = TuneSink()
         train_ppo(spec, client, sink)
-        if awaited(spec.trial):
+        if hands_off(spec.trial):
             hand_off(spec.paths, spec.name, sink.trial_dir / BEST_POLICY_FILE)
