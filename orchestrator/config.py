@@ -88,6 +88,10 @@ class BackendConfig(_Section):
     model whose code does not hard-code CUDA."""
     allow_unpinned_remote_code: bool = False
     """Allow trust_remote_code from a hub id without a pinned revision (unsafe)."""
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    """Sa2VA: most answer tokens generated per prompt (upstream allows 2,048). Its answers
+    ("Sure, [SEG].") take about 5; a longer answer is cut and its result flagged
+    ``answer_truncated``. Part of the backend id (a cut answer can differ)."""
     runtime_env: dict[str, Any] | None = None
     """Sa2VA: a Ray runtime_env of the segmentation workers' own, e.g.
     ``{pip: ["transformers==4.51.3"]}`` for a v1 checkpoint; the workers then check the model

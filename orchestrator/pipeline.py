@@ -188,6 +188,7 @@ def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
         "revision": backend.revision,
         "device": backend.device,
         "allow_unpinned_remote_code": backend.allow_unpinned_remote_code,
+        "max_new_tokens": backend.max_new_tokens,
     }
 
 
@@ -203,7 +204,10 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
 
         try:
             preflight(
-                **{**options, "device": options["device"] if local else None},
+                options["model_path"],
+                options["revision"],
+                options["allow_unpinned_remote_code"],
+                device=options["device"] if local else None,
                 environment=config.backend.runtime_env is None,
             )
         except UserError as err:
