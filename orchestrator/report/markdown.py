@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import metric_keys as mk
-from orchestrator.evaluation.methods import BASELINE_METHODS
+from orchestrator.evaluation.methods import BASELINE_METHODS, METHODS
 from orchestrator.evaluation.statistics import (
     MIN_TEST_VIDEOS,
     UNDETERMINED,
@@ -267,8 +267,8 @@ def _changed_verdicts(summaries: Mapping[str, MethodSummary]) -> list[str]:
         for reference, diffs in s.paired.items():
             for metric in ("dice", "recall"):
                 image = s.image_paired.get(reference, {}).get(metric)
-                if reference == s.method or image is None:
-                    continue
+                if image is None or METHODS.index(reference) >= METHODS.index(s.method):
+                    continue  # each pair once: the later method against the earlier one
                 before, after = verdict(image), verdict(diffs[metric])
                 if before != after:
                     changed.append(
