@@ -313,11 +313,12 @@ def test_tune_results_compare_eval_metrics_of_every_ppo_experiment(
 
     grid = tune.ResultGrid(tune.ExperimentAnalysis(str(run.tune_dir)))
     df = grid.get_dataframe().set_index("config/trial")
-    assert sorted(df.index) == ["postprocess", "prompt", "reward_guided", "reward_net"]
+    assert sorted(df.index) == ["combined", "postprocess", "prompt", "reward_guided", "reward_net"]
     for trial, method in {
         "prompt": "prompt_rl",
         "postprocess": "postprocess_rl",
         "reward_guided": "reward_rl",
+        "combined": "combined",  # its own env (prompt policy's prompts) = the report's path
     }.items():
         for name in ("dice", "recall"):
             value = df.loc[trial, mk.EVAL_METRICS[name]]
