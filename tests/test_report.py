@@ -340,6 +340,7 @@ def test_the_reports_tune_snippet_runs_in_the_run_directory(run: RunPaths) -> No
     lines = done.stdout.splitlines()
     assert "eval/dice" in lines[0] and "eval/recall" in lines[0]
     assert sorted(line.split()[1] for line in lines[1:]) == [
+        "combined",
         "postprocess",
         "prompt",
         "reward_guided",
