@@ -357,7 +357,12 @@ def test_baselines_have_the_fields_of_every_method_and_learning_facts(
         assert f"vs_{method}" in methods["prompt_rl"]
     learning = summary["learning"]
     assert learning["normalize_observations"] is True
-    assert learning["episode_steps"] == {"prompt": 1, "postprocess": 3, "reward_guided": 1}
+    assert learning["episode_steps"] == {
+        "prompt": 1,
+        "postprocess": 3,
+        "reward_guided": 1,
+        "combined": 3,
+    }
     assert learning["action_set"] == "project"
     train_rows = read_rows(run.train_per_image_csv)
     train = {r.method for r in train_rows}
