@@ -14,7 +14,7 @@ synthetic set, a local Frangi backend, a built-in reward net) live in :mod:`envs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from envs.mask_ops import MaskOpsConfig, MaskState, apply_op, op_available
@@ -110,8 +110,9 @@ class PostProcessEnv(SegmentationEnv):
     """Experiment 2: apply mask operations (see :mod:`envs.mask_ops`) to the base prompt's mask;
     the ``stop`` action ends the episode early.
 
-    ``reset(options={"base_prompt": ...})`` starts from another prompt's mask (the combined
-    method: prompt policy first, then post-processing). ``info`` adds ``op`` and
+    ``base_prompts`` (image id -> prompt) starts an image's episodes from that prompt's mask
+    instead (the combined trial trains on the prompt policy's choices), and
+    ``reset(options={"base_prompt": ...})`` from the named prompt's. ``info`` adds ``op`` and
     ``op_available`` (False for a threshold op without a soft mask: it changed nothing).
     """
 
@@ -124,6 +125,7 @@ class PostProcessEnv(SegmentationEnv):
         base_prompt: str = DEFAULT_PROMPT,
         recall_weight: float = 0.0,
         mask_ops: MaskOpsConfig | dict[str, Any] | None = None,
+        base_prompts: Mapping[str, str] | None = None,
     ) -> None:
         if mask_ops is None:
             mask_ops = MaskOpsConfig()
@@ -131,6 +133,7 @@ class PostProcessEnv(SegmentationEnv):
             mask_ops = MaskOpsConfig.from_dict(mask_ops)
         self.ops_config = mask_ops
         self.base_prompt = base_prompt
+        self.base_prompts = dict(base_prompts or {})
         super().__init__(
             samples=samples,
             segmenter=segmenter,
@@ -140,7 +143,8 @@ class PostProcessEnv(SegmentationEnv):
         )
 
     def _initial_state(self, sample: Sample, options: dict[str, Any]) -> MaskState:
-        return prompt_state(self.segmenter, sample, options.get("base_prompt", self.base_prompt))
+        prompt = self.base_prompts.get(sample.id, self.base_prompt)
+        return prompt_state(self.segmenter, sample, options.get("base_prompt", prompt))
 
     def _transition(self, action: int) -> tuple[MaskState, bool, dict[str, Any]]:
         name = self.ops_config.ops[action]

@@ -54,6 +54,9 @@ class DataConfig(_Section):
     """Frames of the built-in synthetic dataset."""
     synthetic_seed: int = Field(0, ge=0)
     """Seed of the built-in synthetic dataset."""
+    synthetic_frames_per_video: int = Field(8, ge=1, le=1000)
+    """Frames per video of the built-in synthetic dataset: fewer, shorter videos give the
+    test split more videos (what the video-level CIs resample)."""
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     """Train/val/test image shares; whole groups (videos) are assigned to one split."""
     split_seed: int = Field(0, ge=0)
@@ -235,6 +238,10 @@ class PpoConfig(_Section):
     """Separate policy and value MLPs with these hidden sizes."""
     seed: int = Field(0, ge=0)
     """Seed of RLlib (network init, sampling) and of the envs' image choice."""
+    seeds: int = Field(1, ge=1, le=20)
+    """Training seeds: every PPO trial runs once per seed (``seed``, ``seed + 1``, ...), all in
+    the one Tune experiment on the same workers; the report gives each method's mean over its
+    seeds with a CI that resamples seeds and test videos."""
     normalize_observations: bool = True
     """Standardise every observation feature with the mean/std of random-policy observations on
     the training images (no ground truth), fixed before training and saved with the policy.

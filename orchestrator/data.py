@@ -66,7 +66,12 @@ def prepare_data(config: RunConfig, paths: RunPaths) -> PreparedData:
     if data.path is None and not (root / "annotations.json").is_file():
         from envs.synthetic import write_dataset
 
-        write_dataset(root, n=data.synthetic_n, seed=data.synthetic_seed)
+        write_dataset(
+            root,
+            n=data.synthetic_n,
+            seed=data.synthetic_seed,
+            frames_per_video=data.synthetic_frames_per_video,
+        )
     pattern = group_pattern(data)
     # Stage 2 is the authority on the data: validate afresh, then every later consumer in this
     # process (warm-up, evaluation, local trials) reuses this validated dataset.

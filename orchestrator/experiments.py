@@ -1,6 +1,7 @@
 """The one registry of experiments and trials, and the typed spec a trial runs from.
 
-Three experiments, four trials (experiment 3 has two steps):
+Three experiments, five trials (experiment 3 has two steps; ``combined`` is experiment 2
+trained on experiment 1's masks):
 
 =============  =================  =====================================================
 trial          experiment         what it does
@@ -10,10 +11,19 @@ postprocess    2 post-processing  PPO over PostProcess-v0 (reward: change of GT 
 reward_net     3 step 1           supervised training of the reward network
 reward_guided  3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of the
                                   reward network's score), starts once step 1 is READY
+combined       2 post-processing  PPO over PostProcess-v0 starting from the mask of the
+                                  prompt the prompt policy chooses per image; starts once
+                                  the prompt trial of its seed is done (``after``)
 =============  =================  =====================================================
 
 A trial that depends on another names it in ``after``: it waits for that trial's READY and
 stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`).
+
+Seeds: every PPO trial runs once per training seed (``ppo.seeds``); an *instance* is a trial at
+one seed index, named ``prompt`` (index 0) or ``prompt_seed1`` (:func:`instance_name`); its PPO
+seed is ``ppo.seed`` plus the index. The reward net is trained once and serves every seed; a trial
+waits for the instance of its ``after`` trial with its own seed when that trial is seeded
+(:attr:`TrialSpec.awaits`).
 
 Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
 compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
@@ -32,11 +42,12 @@ import numpy as np
 
 from envs.environments import PostProcessEnv, PromptSelectionEnv, RewardGuidedPromptEnv
 from envs.normalisation import NormalisedObservation, ObservationStats
+from envs.rollout import final_prompts
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from envs.sources import DataRef, load_split
 from models.reward_net import MaskScorer, RewardPrediction, RewardScorer, load_checkpoint
-from orchestrator.config import RunConfig, config_to_dict, parse_config
+from orchestrator.config import PpoConfig, RunConfig, config_to_dict, parse_config
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.trial_status import wait_for
 
@@ -59,7 +70,11 @@ class Trial:
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
         after: the trial of the same run whose READY this one waits for before it needs its
-            outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``.
+            outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``; the
+            trial runs only when that one does.
+        starts_from_after: its episodes start from the mask of the prompt the ``after``
+            trial's policy (same seed) chooses per image (the combined trial); that trial
+            hands its policy off (:mod:`orchestrator.training.handoff`).
     """
 
     name: str
@@ -70,6 +85,7 @@ class Trial:
     trains_reward_net: bool = False
     uses_gpu: bool = False
     after: str | None = None
+    starts_from_after: bool = False
 
     @property
     def is_ppo(self) -> bool:
@@ -87,14 +103,20 @@ REWARD_GUIDED = Trial(
     needs_reward_net=True,
     after=REWARD_NET.name,
 )
-TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED)
-"""Every trial, in launch order (reward_net before reward_guided)."""
+COMBINED = Trial(
+    "combined",
+    "postprocess",
+    PostProcessEnv,
+    "combined",
+    after=PROMPT.name,
+    starts_from_after=True,
+)
+TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED, COMBINED)
+"""Every trial, in launch order (reward_net before reward_guided, prompt before combined)."""
 PPO_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.is_ppo)
-COMBINED_METHOD = "combined"
-COMBINED_OF: tuple[Trial, Trial] = (PROMPT, POSTPROCESS)
-"""``combined``: the prompt policy's final prompt, then the post-processing policy on its mask."""
-RL_METHODS: tuple[str, ...] = (*(t.method for t in PPO_TRIALS if t.method), COMBINED_METHOD)
+RL_METHODS: tuple[str, ...] = tuple(t.method for t in PPO_TRIALS if t.method)
 """Evaluation methods that come from a trained policy."""
+SEED_SEPARATOR = "_seed"
 ENV_NAME = "sa2va_rl_experiment"
 """The one name registered with Tune; ``env_config["trial"]`` picks the class."""
 
@@ -102,21 +124,55 @@ _BY_NAME = {t.name: t for t in TRIALS}
 
 
 def trial(name: str) -> Trial:
-    """The registry entry of ``name``; ``KeyError`` names the known trials."""
-    try:
-        return _BY_NAME[name]
-    except KeyError:
-        raise KeyError(f"unknown trial {name!r}; known: {', '.join(_BY_NAME)}") from None
+    """The registry entry of ``name`` (a trial or an instance name, see
+    :func:`parse_instance`); ``KeyError`` names the known trials."""
+    return parse_instance(name)[0]
+
+
+def hands_off(spec: Trial) -> bool:
+    """Whether another trial starts from this one's policy (``starts_from_after``)."""
+    return any(t.after == spec.name and t.starts_from_after for t in TRIALS)
+
+
+def instance_name(spec: Trial, seed: int) -> str:
+    """The name of ``spec`` at seed index ``seed``: ``prompt``, ``prompt_seed1``, ..."""
+    return spec.name if seed == 0 else f"{spec.name}{SEED_SEPARATOR}{seed}"
+
+
+def parse_instance(name: str) -> tuple[Trial, int]:
+    """(registry entry, seed index) of an instance name; ``KeyError`` names the known trials."""
+    base, _, seed = name.partition(SEED_SEPARATOR)
+    if base not in _BY_NAME or (seed and not seed.isdigit()):
+        raise KeyError(f"unknown trial {name!r}; known: {', '.join(_BY_NAME)}")
+    return _BY_NAME[base], int(seed or 0)
+
+
+def instances(spec: Trial, config: RunConfig) -> list[str]:
+    """The instance names ``spec`` runs as: one per seed for a PPO trial, else one."""
+    return [instance_name(spec, k) for k in range(config.ppo.seeds if spec.is_ppo else 1)]
+
+
+def instance_names(config: RunConfig) -> list[str]:
+    """Every trial instance of a run, in launch order (each trial's seeds together)."""
+    return [name for t in trials_for(config) for name in instances(t, config)]
+
+
+def _included(spec: Trial, experiments: Sequence[str]) -> bool:
+    return spec.experiment in experiments and (
+        spec.after is None or _BY_NAME[spec.after].experiment in experiments
+    )
 
 
 def trials_for(config: RunConfig) -> list[Trial]:
-    """The trials a config asks for, in launch order (reward_net before reward_guided)."""
-    return [t for t in TRIALS if t.experiment in config.experiments]
+    """The trials a config asks for, in launch order (reward_net before reward_guided); a
+    trial with ``after`` only with the experiment of the trial it waits for."""
+    return [t for t in TRIALS if _included(t, config.experiments)]
 
 
 def trials_of_experiment(experiment: str) -> list[Trial]:
-    """The trials of one experiment (``prompt``, ``postprocess`` or ``reward``), in order."""
-    return [t for t in TRIALS if t.experiment == experiment]
+    """The trials of one experiment (``prompt``, ``postprocess`` or ``reward``) that need no
+    other experiment's trial, in order."""
+    return [t for t in TRIALS if _included(t, (experiment,))]
 
 
 @dataclass(frozen=True)
@@ -135,6 +191,7 @@ class TrialSpec:
         data: the run's data reference (every data setting; the split manifest and its hash).
         gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
             for trials); 0: it runs on the CPU.
+        seed: the seed index (``0 .. ppo.seeds - 1``): PPO seed ``ppo.seed + seed``.
     """
 
     trial: Trial
@@ -144,6 +201,26 @@ class TrialSpec:
     backend_id: str
     data: DataRef
     gpu_mem_mb: int = 0
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """The instance name (:func:`instance_name`): Tune's ``config["trial"]``."""
+        return instance_name(self.trial, self.seed)
+
+    @property
+    def awaits(self) -> str | None:
+        """The instance this one waits for: its ``after`` trial, at this seed when that trial
+        runs once per seed (a PPO trial), else its one instance."""
+        if self.trial.after is None:
+            return None
+        before = trial(self.trial.after)
+        return instance_name(before, self.seed if before.is_ppo else 0)
+
+    @property
+    def ppo(self) -> PpoConfig:
+        """The run's PPO settings with this instance's seed."""
+        return self.run.ppo.model_copy(update={"seed": self.run.ppo.seed + self.seed})
 
     @property
     def manifest_hash(self) -> str:
@@ -157,7 +234,7 @@ class TrialSpec:
     def to_param(self) -> dict[str, Any]:
         """The plain-data form Tune stores in ``params.json``."""
         return {
-            "trial": self.trial.name,
+            "trial": self.name,
             "run": config_to_dict(self.run),
             "root": self.root,
             "run_id": self.run_id,
@@ -169,14 +246,16 @@ class TrialSpec:
     @classmethod
     def from_param(cls, param: Mapping[str, Any]) -> TrialSpec:
         """The spec back from :meth:`to_param`'s form (in the trial's process)."""
+        spec, seed = parse_instance(str(param["trial"]))
         return cls(
-            trial=trial(str(param["trial"])),
+            trial=spec,
+            seed=seed,
             run=parse_config(dict(param["run"]), source="trial config"),
             root=str(param["root"]),
             run_id=str(param["run_id"]),
             backend_id=str(param["backend_id"]),
             data=DataRef.from_dict(param["data"]),
-            gpu_mem_mb=int(param.get("gpu_mem_mb", 0)),
+            gpu_mem_mb=int(param.get("gpu_mem_mb", 0)) if spec.uses_gpu else 0,
         )
 
 
@@ -214,12 +293,16 @@ def build_env(
     samples: Sequence[Sample],
     segmenter: Segmenter,
     reward_scorer: MaskScorer | None = None,
+    base_prompts: Mapping[str, str] | None = None,
 ) -> SegmentationEnv:
     """The trial's environment over ``samples`` and ``segmenter`` with the config's settings
-    (``reward_scorer``: the run's reward net, for a trial that needs one)."""
+    (``reward_scorer``: the run's reward net, for a trial that needs one; ``base_prompts``:
+    image id -> the prompt a post-processing episode starts from, for a trial with ``after``)."""
     if spec.env_class is None:
         raise ValueError(f"trial {spec.name!r} has no environment")
     kwargs = env_settings(spec, config)
+    if base_prompts is not None:
+        kwargs["base_prompts"] = dict(base_prompts)
     if spec.needs_reward_net:
         if reward_scorer is None:
             raise ValueError(f"trial {spec.name!r} needs the run's reward net")
@@ -261,10 +344,29 @@ def trial_env(
     spec: TrialSpec, segmenter: Segmenter, split: str, max_images: int | None
 ) -> SegmentationEnv:
     """The environment of ``spec`` on ``split`` of the run's data (loaded once per process);
-    a trial that needs the reward net gets :class:`RunRewardNet` (loaded on first use)."""
+    a trial that needs the reward net gets :class:`RunRewardNet` (loaded on first use); a
+    trial that ``starts_from_after`` waits for that trial's policy and starts every image from
+    the prompt it chooses (:func:`prompts_after`)."""
     samples = load_split(spec.data, split, max_images)
     scorer = RunRewardNet(spec) if spec.trial.needs_reward_net else None
-    return build_env(spec.trial, spec.run, samples, segmenter, scorer)
+    starts = spec.trial.starts_from_after
+    base_prompts = prompts_after(spec, segmenter, samples) if starts else None
+    return build_env(spec.trial, spec.run, samples, segmenter, scorer, base_prompts)
+
+
+def prompts_after(
+    spec: TrialSpec, segmenter: Segmenter, samples: Sequence[Sample]
+) -> dict[str, str]:
+    """Image id -> the prompt the policy of the instance ``spec`` waits for ends on, once that
+    instance is READY (blocks until then; it handed its policy off before)."""
+    from orchestrator.training.handoff import policy_path
+    from orchestrator.training.ppo import ExportedPolicy
+
+    assert spec.awaits is not None, "only a trial with `after` starts from another's policy"
+    wait_for(spec)
+    policy = ExportedPolicy.load(policy_path(spec.paths, spec.awaits))
+    env = build_env(trial(spec.awaits), spec.run, samples, segmenter)
+    return final_prompts(env, policy.act, [s.id for s in samples])
 
 
 def make_env(env_config: Mapping[str, Any]) -> gym.Env[Any, Any]:

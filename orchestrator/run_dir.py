@@ -121,6 +121,11 @@ class RunPaths:
         return self.eval_dir / "train_per_image.csv"
 
     @property
+    def val_per_image_csv(self) -> Path:
+        """Every method except the oracles on the val split (reported beside test)."""
+        return self.eval_dir / "val_per_image.csv"
+
+    @property
     def examples_dir(self) -> Path:
         """Every method's final mask of the example images (PNG)."""
         return self.eval_dir / "examples"

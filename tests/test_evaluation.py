@@ -97,16 +97,16 @@ def _rows(method: str, dices: list[float]) -> list[ImageResult]:
 def test_paired_difference_of_a_constant_shift_is_exact() -> None:
     base = _rows("baseline", [0.25, 0.5, 0.75, 0.5])
     shifted = _rows("prompt_rl", [0.5, 0.75, 1.0, 0.75])  # +0.25 on every image (exact in binary)
-    diff = paired_difference({r.image_id: r for r in shifted}, {r.image_id: r for r in base})
+    diff = paired_difference(shifted, base)
     assert diff == {name: Estimate(0.25, 0.25, 0.25) for name in diff}
     assert sorted(diff) == ["dice", "iou", "precision", "recall"]
 
 
 def test_paired_difference_uses_only_shared_images() -> None:
-    base = {r.image_id: r for r in _rows("baseline", [0.5, 0.5])}
-    other = {"img1": ImageResult("x", "img1", 0.75, 0.75, 0.75, 0.75)}
-    assert paired_difference(other, base)["dice"] == Estimate(0.25, 0.25, 0.25)
-    assert paired_difference({"zzz": other["img1"]}, base) == {}
+    base = _rows("baseline", [0.5, 0.5])
+    other = ImageResult("x", "img1", 0.75, 0.75, 0.75, 0.75)
+    assert paired_difference([other], base)["dice"] == Estimate(0.25, 0.25, 0.25)
+    assert paired_difference([ImageResult("x", "zzz", 0.75, 0.75, 0.75, 0.75)], base) == {}
 
 
 def test_summarise_gives_paired_differences_to_baseline_and_best_fixed_prompt() -> None:

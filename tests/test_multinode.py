@@ -42,7 +42,7 @@ from orchestrator.run_dir import RunPaths
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 INVENTORY = "24:0,24:0;24:0,24:14"
-TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
+TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided", "combined"}
 
 
 def free_port() -> int:

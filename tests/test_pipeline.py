@@ -21,8 +21,8 @@ from orchestrator import metric_keys as mk
 from orchestrator.cli import main
 from orchestrator.run_dir import RunPaths
 
-TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
-PPO_TRIALS = {"prompt", "postprocess", "reward_guided"}
+TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided", "combined"}
+PPO_TRIALS = {"prompt", "postprocess", "reward_guided", "combined"}
 
 
 def read_scalar_tags(event_file: Path) -> set[str]:

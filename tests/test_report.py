@@ -240,11 +240,12 @@ def test_report_states_verdicts_that_match_the_summary(run: RunPaths, summary: d
     assert text.startswith("# sa2va-rl run: smoke mode, frangi backend\n")
     for method in METHODS[1:]:
         diff = summary["methods"][method]["vs_baseline"]["dice"]
-        estimate = Estimate(diff["mean"], *diff["ci95"])
+        videos = summary["methods"][method]["videos"]
+        estimate = Estimate(diff["mean"], *diff["ci95"], groups=videos)
         line = next(x for x in text.splitlines() if x.startswith(f"- {method}: "))
         assert re.match(
             rf"- {method}: [+-]\d\.\d{{3}} \[-?\d\.\d{{3}}, -?\d\.\d{{3}}\] Dice vs baseline — "
-            rf"{verdict(estimate)}; Recall ",
+            rf"{re.escape(verdict(estimate))}( \(image-level [^)]*\))?; Recall ",
             line,
         ), line
     beats = _section(text, "Verdicts").split("best fixed prompt?**", 1)[1]
@@ -312,11 +313,12 @@ def test_tune_results_compare_eval_metrics_of_every_ppo_experiment(
 
     grid = tune.ResultGrid(tune.ExperimentAnalysis(str(run.tune_dir)))
     df = grid.get_dataframe().set_index("config/trial")
-    assert sorted(df.index) == ["postprocess", "prompt", "reward_guided", "reward_net"]
+    assert sorted(df.index) == ["combined", "postprocess", "prompt", "reward_guided", "reward_net"]
     for trial, method in {
         "prompt": "prompt_rl",
         "postprocess": "postprocess_rl",
         "reward_guided": "reward_rl",
+        "combined": "combined",  # its own env (prompt policy's prompts) = the report's path
     }.items():
         for name in ("dice", "recall"):
             value = df.loc[trial, mk.EVAL_METRICS[name]]
@@ -338,6 +340,7 @@ def test_the_reports_tune_snippet_runs_in_the_run_directory(run: RunPaths) -> No
     lines = done.stdout.splitlines()
     assert "eval/dice" in lines[0] and "eval/recall" in lines[0]
     assert sorted(line.split()[1] for line in lines[1:]) == [
+        "combined",
         "postprocess",
         "prompt",
         "reward_guided",
@@ -354,7 +357,12 @@ def test_baselines_have_the_fields_of_every_method_and_learning_facts(
         assert f"vs_{method}" in methods["prompt_rl"]
     learning = summary["learning"]
     assert learning["normalize_observations"] is True
-    assert learning["episode_steps"] == {"prompt": 1, "postprocess": 3, "reward_guided": 1}
+    assert learning["episode_steps"] == {
+        "prompt": 1,
+        "postprocess": 3,
+        "reward_guided": 1,
+        "combined": 3,
+    }
     assert learning["action_set"] == "project"
     train_rows = read_rows(run.train_per_image_csv)
     train = {r.method for r in train_rows}

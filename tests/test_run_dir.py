@@ -13,6 +13,7 @@ from orchestrator.experiments import (
     RL_METHODS,
     TRIALS,
     TrialSpec,
+    hands_off,
     trial,
     trials_for,
 )
@@ -51,12 +52,24 @@ def test_a_started_run_or_foreign_files_still_block(tmp_path: Path, extra: str) 
 
 
 def test_registry_names_every_trial_once_in_launch_order() -> None:
-    assert [t.name for t in TRIALS] == ["prompt", "postprocess", "reward_net", "reward_guided"]
-    assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided"]
+    assert [t.name for t in TRIALS] == [
+        "prompt",
+        "postprocess",
+        "reward_net",
+        "reward_guided",
+        "combined",
+    ]
+    assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided", "combined"]
     assert RL_METHODS == ("prompt_rl", "postprocess_rl", "reward_rl", "combined")
     assert [t.name for t in TRIALS if t.uses_gpu] == ["reward_net"]
     assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided"]
-    assert {t.name: t.after for t in TRIALS if t.after} == {"reward_guided": "reward_net"}
+    assert {t.name: t.after for t in TRIALS if t.after} == {
+        "reward_guided": "reward_net",
+        "combined": "prompt",
+    }
+    # Only the combined trial starts from another's policy (reward_guided only waits).
+    assert [t.name for t in TRIALS if t.starts_from_after] == ["combined"]
+    assert [t.name for t in TRIALS if hands_off(t)] == ["prompt"]
     assert {t.experiment for t in TRIALS} == set(EXPERIMENTS)  # the schema's names
     config = load_config(CONFIG_DIR / "smoke.yaml")
     assert trials_for(config) == list(TRIALS)

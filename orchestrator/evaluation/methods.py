@@ -8,7 +8,8 @@ Methods (each yields one final mask per test image):
 - ``prompt_rl`` / ``reward_rl``: the greedy prompt policy of experiment 1 / 3 run for the
   episode length in its own environment; the final mask counts.
 - ``postprocess_rl``: the greedy post-processing policy on the baseline mask, until ``stop``.
-- ``combined``: the prompt policy's final prompt, then the post-processing policy on its mask.
+- ``combined``: the prompt policy's final prompt, then the post-processing policy trained on the
+  prompt policy's masks (the ``combined`` trial) on its mask.
 - ``bandit_prompt``, ``supervised_prompt``, ``supervised_ops``, ``best_fixed_ops``: the learners
   a reviewer compares RL with (:mod:`~orchestrator.evaluation.baselines`).
 - ``oracle_prompt``: the best prompt per image by ground truth (a ceiling for prompt choice).
@@ -30,15 +31,15 @@ from then on saves every method's final mask of those images as a PNG
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from envs.mask_ops import MaskOpsConfig, MaskState
 from envs.op_tree import apply_sequence
+from envs.rollout import Policy, final_prompts, run_policy
 from envs.sample import Sample
 from envs.segmentation_env import SegmentationEnv
 from models.metrics import mask_metrics
@@ -62,7 +63,6 @@ METHODS = (
     "oracle_postprocess",
 )
 """Every evaluation method, in report order (the RL ones come from the experiment registry)."""
-Policy = Callable[[np.ndarray], int]
 SequencePicker = Callable[[np.ndarray], tuple[str, ...]]
 
 
@@ -70,19 +70,6 @@ def _result(method: str, sample: Sample, mask: np.ndarray, detail: str = "") -> 
     assert sample.mask is not None
     m = mask_metrics(mask, sample.mask)
     return ImageResult(method, sample.id, m.dice, m.recall, m.precision, m.iou, detail)
-
-
-def run_policy(
-    env: SegmentationEnv, policy: Policy, image_id: str, options: Mapping[str, Any] | None = None
-) -> tuple[MaskState, list[str]]:
-    """Run ``policy`` greedily for one episode on ``image_id``: final state and actions taken."""
-    obs, _ = env.reset(options={"image_id": image_id, **(options or {})})
-    actions: list[str] = []
-    terminated = truncated = False
-    while not (terminated or truncated):
-        obs, _, terminated, truncated, info = env.step(policy(obs))
-        actions.append(info["action"])
-    return env.state, actions
 
 
 def best_fixed_prompt(train: Sequence[Sample], segmenter: Segmenter, prompts: Sequence[str]) -> str:
@@ -188,9 +175,9 @@ class Evaluator:
         post_policy: Policy,
     ) -> list[ImageResult]:
         rows = []
+        chosen_prompts = final_prompts(prompt_env, prompt_policy, [s.id for s in self.test])
         for s in self.test:
-            _, prompt_actions = run_policy(prompt_env, prompt_policy, s.id)
-            chosen = prompt_actions[-1]
+            chosen = chosen_prompts[s.id]
             state, post_actions = run_policy(post_env, post_policy, s.id, {"base_prompt": chosen})
             detail = " > ".join([chosen, *post_actions])
             rows.append(self._measure("combined", s, state.mask, detail))

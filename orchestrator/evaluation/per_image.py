@@ -14,7 +14,10 @@ from orchestrator import run_dir
 
 @dataclass(frozen=True)
 class ImageResult:
-    """One method's final mask on one image, measured: a row of the per-image CSV."""
+    """One method's final mask on one image, measured: a row of the per-image CSV.
+
+    ``seed``: the training seed of the policy (``experiments.seeds``); 0 for methods that do
+    not learn per seed."""
 
     method: str
     image_id: str
@@ -23,6 +26,7 @@ class ImageResult:
     precision: float
     iou: float
     detail: str = ""
+    seed: int = 0
 
 
 def write_rows(path: Path, rows: Sequence[ImageResult]) -> None:
@@ -36,7 +40,8 @@ def write_rows(path: Path, rows: Sequence[ImageResult]) -> None:
 
 
 def read_rows(path: Path) -> list[ImageResult]:
-    """Rows written by :func:`write_rows`, in file order."""
+    """Rows written by :func:`write_rows`, in file order (a file without a ``seed`` column:
+    seed 0)."""
     with path.open(newline="") as handle:
         return [
             ImageResult(
@@ -47,6 +52,7 @@ def read_rows(path: Path) -> list[ImageResult]:
                 precision=float(r["precision"]),
                 iou=float(r["iou"]),
                 detail=r["detail"],
+                seed=int(r.get("seed") or 0),
             )
             for r in csv.DictReader(handle)
         ]

@@ -1,20 +1,25 @@
 """The run's evaluation stage: every method on the test split, same images for every method.
 
 Writes ``eval/per_image.csv`` and the example masks ``eval/examples/*.png`` (every method's
-final mask of the worst, median and best baseline image), and ``eval/train_per_image.csv``: the
-same learned methods on their training images, so over-fitting and the action histograms on
-train vs test show; the report is built from those files.
+final mask of the worst, median and best baseline image), ``eval/val_per_image.csv`` (every
+method but the oracles on the val split, reported beside test) and ``eval/train_per_image.csv``:
+the same learned methods on their training images, so over-fitting and the action histograms on
+train vs test show; the report is built from those files. A trained method has one row per
+image and training seed (``ImageResult.seed``): each instance's policy is evaluated;
+``combined`` at seed k is the prompt policy of seed k, then the combined trial's of seed k.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from envs.segmentation_env import SegmentationEnv
 from envs.sources import load_split
 from models.reward_net import RewardScorer, load_checkpoint
 from models.segmentation import Segmenter
@@ -32,10 +37,10 @@ from orchestrator.evaluation.references import (
     evaluate_references,
 )
 from orchestrator.experiments import (
-    COMBINED_METHOD,
-    COMBINED_OF,
     TrialOutcome,
     build_env,
+    instance_name,
+    parse_instance,
     trial,
 )
 from orchestrator.run_dir import BEST_POLICY_FILE, RunPaths
@@ -46,7 +51,8 @@ if TYPE_CHECKING:
 
 
 def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
-    """Trial -> ``best_policy.pt`` of its latest checkpoint, for PPO trials that have one."""
+    """Trial instance -> ``best_policy.pt`` of its latest checkpoint, for PPO trials that have
+    one."""
     found = {}
     for outcome in outcomes:
         if trial(outcome.name).is_ppo and outcome.checkpoint is not None:
@@ -64,9 +70,10 @@ def evaluate_run(
     policy_files: dict[str, Path],
     references: ReferenceResults | None = None,
 ) -> list[ImageResult]:
-    """Every method on the test split, and the learned ones on the training images too;
-    writes ``eval/per_image.csv``, ``eval/train_per_image.csv`` and the example masks.
-    ``policy_files``: PPO trial -> its exported best policy (see :func:`best_policy_paths`).
+    """Every method on the test split, on the val split but the oracles, and the learned ones on
+    the training images too; writes ``eval/per_image.csv``, ``eval/val_per_image.csv``,
+    ``eval/train_per_image.csv`` and the example masks. ``policy_files``: PPO trial instance ->
+    its exported best policy (see :func:`best_policy_paths`).
     ``references``: the policy-free methods if already evaluated (the run computes them while
     the trials train, :mod:`orchestrator.evaluation.references`); computed here otherwise."""
     from orchestrator.training.ppo import ExportedPolicy
@@ -94,9 +101,44 @@ def evaluate_run(
     print(f"  {FIT_LEARNERS:20s} {len(train)} train images in {fitted:.1f} s{during}", flush=True)
     rows = _evaluate_split(setup, "test", test_evaluator, references, during)
     write_rows(paths.per_image_csv, rows)
+    val = load_split(prepared.ref, "val", config.data.max_eval_images)
+    write_rows(
+        paths.val_per_image_csv,
+        _evaluate_split(setup, "val", make_evaluator(config, val, segmenter)),
+    )
     train_rows = _evaluate_split(setup, "train", make_evaluator(config, train, segmenter))
     write_rows(paths.train_per_image_csv, train_rows)
     return rows
+
+
+def policy_steps(
+    policies: Mapping[str, Policy], envs: Mapping[str, SegmentationEnv], evaluator: Evaluator
+) -> list[tuple[str, Callable[[], list[ImageResult]]]]:
+    """(method, compute) steps of every trial instance's policy (``envs``: each instance's
+    environment on the evaluator's images); rows carry the instance's seed. A trial that
+    ``starts_from_after`` runs after that trial's policy of the same seed (``combined``), and
+    is left out without it."""
+    steps = []
+    for name, policy in policies.items():
+        spec, seed = parse_instance(name)
+        assert spec.method is not None, "a PPO trial has an evaluation method"
+        if not spec.starts_from_after:
+            evaluate = functools.partial(evaluator.policy, spec.method, envs[name], policy)
+        elif (before := instance_name(trial(str(spec.after)), seed)) in policies:
+            evaluate = functools.partial(
+                evaluator.combined, envs[before], policies[before], envs[name], policy
+            )
+        else:
+            continue
+        steps.append((spec.method, _seeded(evaluate, seed)))
+    return steps
+
+
+def _seeded(
+    evaluate: Callable[[], list[ImageResult]], seed: int
+) -> Callable[[], list[ImageResult]]:
+    """``evaluate`` with its rows marked as the policy of training seed ``seed``."""
+    return lambda: [dataclasses.replace(row, seed=seed) for row in evaluate()]
 
 
 @dataclass(frozen=True)
@@ -130,16 +172,7 @@ def _evaluate_split(
         ),
         *learner_steps(setup.learners, config, evaluator, segmenter),
     ]
-    for t, policy in policies.items():
-        method = trial(t).method
-        assert method is not None, "a PPO trial has an evaluation method"
-        steps.append((method, functools.partial(evaluator.policy, method, envs[t], policy)))
-    first, then = (t.name for t in COMBINED_OF)
-    if first in policies and then in policies:
-        combined = functools.partial(
-            evaluator.combined, envs[first], policies[first], envs[then], policies[then]
-        )
-        steps.append((COMBINED_METHOD, combined))
+    steps += policy_steps(policies, envs, evaluator)
     if split == "test":
         steps += [
             ("oracle_prompt", evaluator.oracle_prompt),

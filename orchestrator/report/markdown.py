@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator import metric_keys as mk
-from orchestrator.evaluation.methods import BASELINE_METHODS
+from orchestrator.evaluation.methods import BASELINE_METHODS, METHODS
 from orchestrator.evaluation.statistics import (
+    MIN_TEST_VIDEOS,
+    UNDETERMINED,
     Estimate,
     MethodSummary,
     best_method,
@@ -31,17 +33,22 @@ def _diff(e: Estimate) -> str:
     return f"{e.mean:+.3f} [{e.low:.3f}, {e.high:.3f}]"
 
 
+def _range(e: Estimate) -> str:
+    return f"[{e.low:.3f}, {e.high:.3f}]"
+
+
 def render_report(
     record: RunRecord,
     summary: dict[str, Any],
     summaries: Mapping[str, MethodSummary],
     plots: Mapping[str, str | None],
+    val: Mapping[str, MethodSummary] | None = None,
 ) -> str:
-    """The text of ``report.md``."""
+    """The text of ``report.md`` (``val``: the methods' summaries on the val split)."""
     sections = [
         _header(record, summary, summaries),
         _in_short(summaries),
-        _results_table(summaries),
+        _results_table(summaries, val or {}),
         _verdicts(record, summaries),
         _goal(summaries),
         _ceilings(summaries),
@@ -82,9 +89,32 @@ def _header(
         lines.append(f'- **best_fixed_prompt**: "{fixed[0]}" (best mean Dice on the train split)')
     lines.append(
         "- Per-image results: `eval/per_image.csv`; means with 95% bootstrap CIs (2,000 "
-        "resamples); differences are paired (same images)"
+        "resamples) that resample whole test **videos** (frames of one video are "
+        "near-duplicates) and, for trained policies, training seeds too; the image-level CI "
+        "(frames as if independent) is shown beside it, labelled; differences are paired (same "
+        "images); verdicts use the video-level CI"
     )
+    lines += _uncertainty_lines(record.config.ppo.seeds, summaries)
     return "\n".join(lines)
+
+
+def _uncertainty_lines(seeds: int, summaries: Mapping[str, MethodSummary]) -> list[str]:
+    """How many test videos and training seeds the CIs rest on, with the warnings."""
+    videos = max((s.videos for s in summaries.values()), default=0)
+    lines = [f"- **Test videos**: {videos}; **training seeds** per RL method: {seeds}"]
+    if videos < MIN_TEST_VIDEOS:
+        lines.append(
+            f"- **Warning: only {videos} test video(s)** (fewer than {MIN_TEST_VIDEOS}): a "
+            "bootstrap over so few videos under-covers, so even the video-level CIs are too "
+            "narrow; treat every verdict as indicative and add test videos"
+        )
+    if seeds == 1:
+        lines.append(
+            "- **One training seed**: the CIs cover the test videos, not the run-to-run "
+            "variation of training (seeds 0-2 moved prompt_rl's Dice by ~0.006 before); set "
+            "`ppo.seeds` (full mode: 5) for CIs that resample seeds"
+        )
+    return lines
 
 
 def _images_line(record: RunRecord, n_test: int) -> str:
@@ -136,22 +166,52 @@ def _in_short(summaries: Mapping[str, MethodSummary]) -> str:
     return "\n".join(lines)
 
 
-def _results_table(summaries: Mapping[str, MethodSummary]) -> str:
+def _results_table(summaries: Mapping[str, MethodSummary], val: Mapping[str, MethodSummary]) -> str:
     lines = [
         "## Results on the test split",
         "",
-        "Mean [95% CI] per method.",
+        "Mean over seeds [video-level 95% CI] per method on the test split; the Dice "
+        "image-level CI beside it; the val split's Dice and Recall [video-level CI] last "
+        "(no method was selected on test; the oracles run on test only).",
         "",
-        "| method | n | Dice | Recall | Precision | IoU |",
-        "|---|---:|---|---|---|---|",
+        "| method | n | videos | seeds | Dice | Dice, image-level CI | Recall | Precision | IoU "
+        "| val Dice | val Recall |",
+        "|---|---:|---:|---:|---|---|---|---|---|---|---|",
     ]
     for s in ordered(summaries):
         m = s.metrics
+        v = val.get(s.method)
+        cells = [_ci(v.metrics["dice"]), _ci(v.metrics["recall"])] if v else ["—", "—"]
         lines.append(
-            f"| {s.method} | {s.n} | {_ci(m['dice'])} | {_ci(m['recall'])} | "
-            f"{_ci(m['precision'])} | {_ci(m['iou'])} |"
+            f"| {s.method} | {s.n} | {s.videos} | {s.seeds} | {_ci(m['dice'])} | "
+            f"{_range(s.image_metrics['dice'])} | {_ci(m['recall'])} | "
+            f"{_ci(m['precision'])} | {_ci(m['iou'])} | {cells[0]} | {cells[1]} |"
         )
+    lines += _per_seed_table(summaries)
     return "\n".join(lines)
+
+
+def _per_seed_table(summaries: Mapping[str, MethodSummary]) -> list[str]:
+    seeded = [s for s in ordered(summaries) if s.seeds > 1]
+    if not seeded:
+        return []
+    seeds = sorted({k for s in seeded for k in s.per_seed or {}})
+    return [
+        "",
+        "Test Dice per training seed (`summary.json`: `per_seed`):",
+        "",
+        "| method | " + " | ".join(f"seed {k}" for k in seeds) + " |",
+        "|---|" + "---:|" * len(seeds),
+        *(
+            f"| {s.method} | "
+            + " | ".join(
+                f"{s.per_seed[k]['dice']:.3f}" if s.per_seed and k in s.per_seed else "—"
+                for k in seeds
+            )
+            + " |"
+            for s in seeded
+        ),
+    ]
 
 
 def _missing_methods(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> list[str]:
@@ -169,8 +229,9 @@ def _verdicts(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> str:
     lines = [
         "## Verdicts",
         "",
-        "Paired difference to the baseline (method minus baseline, per image) with its 95% CI; "
-        "a difference is significant when its CI excludes 0.",
+        "Paired difference to the baseline (method minus baseline, per image) with its "
+        "video-level 95% CI; a difference is significant when its CI excludes 0. In brackets: "
+        "the image-level CI and its verdict where it differs.",
         "",
     ]
     for s in ordered(summaries):
@@ -178,13 +239,45 @@ def _verdicts(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> str:
             continue
         dice, recall = s.paired["baseline"]["dice"], s.paired["baseline"]["recall"]
         lines.append(
-            f"- {s.method}: {_diff(dice)} Dice vs baseline — {verdict(dice)}; "
-            f"Recall {_diff(recall)} — {verdict(recall)}"
+            f"- {s.method}: {_diff(dice)} Dice vs baseline — {verdict(dice)}"
+            f"{_image_note(s, 'baseline', 'dice')}; "
+            f"Recall {_diff(recall)} — {verdict(recall)}{_image_note(s, 'baseline', 'recall')}"
         )
     lines += _missing_methods(record, summaries)
+    lines += ["", *_changed_verdicts(summaries)]
     lines += ["", "**Does RL beat the best fixed prompt?**", ""]
     lines += _vs_best_fixed(summaries)
     return "\n".join(lines)
+
+
+def _image_note(s: MethodSummary, reference: str, metric: str) -> str:
+    image = s.image_paired.get(reference, {}).get(metric)
+    if image is None:
+        return ""
+    video = s.paired[reference][metric]
+    changed = "" if verdict(image) == verdict(video) else f", {verdict(image)}"
+    return f" (image-level {_range(image)}{changed})"
+
+
+def _changed_verdicts(summaries: Mapping[str, MethodSummary]) -> list[str]:
+    """The verdicts (vs every reference, Dice and Recall) that the image-level CI would give
+    differently: what treating frames as independent would have claimed."""
+    changed = []
+    for s in ordered(summaries):
+        for reference, diffs in s.paired.items():
+            for metric in ("dice", "recall"):
+                image = s.image_paired.get(reference, {}).get(metric)
+                if image is None or METHODS.index(reference) >= METHODS.index(s.method):
+                    continue  # each pair once: the later method against the earlier one
+                before, after = verdict(image), verdict(diffs[metric])
+                if before != after:
+                    changed.append(
+                        f"  - {s.method} vs {reference}, {metric}: image-level {before} -> "
+                        f"video-level {after}"
+                    )
+    if not changed:
+        return ["**Verdicts changed by resampling videos instead of images**: none."]
+    return ["**Verdicts changed by resampling videos instead of images**:", *changed]
 
 
 def _vs_best_fixed(summaries: Mapping[str, MethodSummary]) -> list[str]:
@@ -200,6 +293,7 @@ def _vs_best_fixed(summaries: Mapping[str, MethodSummary]) -> list[str]:
             "better": "beats it",
             "worse": "is worse than it",
             "no significant difference": "does not beat it significantly",
+            UNDETERMINED: "cannot be compared with it on one test video",
         }[verdict(dice)]
         lines.append(f"- {method} {outcome}: {_diff(dice)} Dice vs best_fixed_prompt.")
     return lines or ["- no RL method was evaluated."]

@@ -22,7 +22,7 @@ from orchestrator.evaluation.examples import (
     read_mask_png,
 )
 from orchestrator.evaluation.statistics import MethodSummary, best_method, ordered
-from orchestrator.experiments import PPO_TRIALS
+from orchestrator.experiments import PPO_TRIALS, parse_instance
 from orchestrator.report.markdown import TARGET
 from orchestrator.report.record import RunRecord, TuneTrial, relative
 from orchestrator.training.reward_predictions import RewardNetPredictions
@@ -112,14 +112,18 @@ def _method_colour(method: str) -> str:
 def plot_learning_curves(trials: Sequence[TuneTrial], out: Path) -> str | None:
     """Per PPO experiment: ``rollout/ep_rew_mean``, the episodes' final GT Dice (and the
     reward net's score for the reward-guided one) and the policy's entropy against env steps
-    (an entropy that drops to ~0 early means the policy collapsed onto one action)."""
-    by_name = {t.name: t for t in trials}
-    if not any(t.name in by_name for t in PPO_TRIALS):
+    (an entropy that drops to ~0 early means the policy collapsed onto one action); one line
+    per training seed."""
+    seeds: dict[str, list[tuple[int, TuneTrial]]] = {}
+    for t in trials:
+        spec, seed = parse_instance(t.name)
+        seeds.setdefault(spec.name, []).append((seed, t))
+    if not any(t.name in seeds for t in PPO_TRIALS):
         return "no PPO trial in the Tune experiment"
     with _figure("learning_curves.png", out, nrows=len(PPO_TRIALS), ncols=3) as (fig, axes):
         for row, spec in enumerate(PPO_TRIALS):
             name = spec.name
-            trial = by_name.get(name)
+            trial = sorted(seeds.get(name, []), key=lambda pair: pair[0])
             left, right, entropy = axes[row]
             _curve(left, trial, [(mk.EP_REW_MEAN, mk.EP_REW_MEAN, "tab:blue")])
             left.set_ylabel("episode return (mean)")
@@ -141,18 +145,30 @@ def plot_learning_curves(trials: Sequence[TuneTrial], out: Path) -> str | None:
     return None
 
 
-def _curve(ax: Axes, trial: TuneTrial | None, series: Sequence[tuple[str, str, str]]) -> None:
-    if trial is None or mk.ENV_STEPS not in trial.results:
-        note = "trial not in this run" if trial is None else f"no results ({trial.status})"
+SEED_STYLES = ("-", "--", ":", "-.")
+
+
+def _curve(
+    ax: Axes, seeds: Sequence[tuple[int, TuneTrial]], series: Sequence[tuple[str, str, str]]
+) -> None:
+    """The ``series`` of every seed's trial (line style per seed, labelled when several)."""
+    with_results = [(k, t) for k, t in seeds if mk.ENV_STEPS in t.results]
+    if not with_results:
+        note = f"no results ({seeds[0][1].status})" if seeds else "trial not in this run"
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
         return
     drawn = False
-    for key, label, colour in series:
-        if key not in trial.results:
-            continue
-        frame = trial.results[[mk.ENV_STEPS, key]].dropna()
-        ax.plot(frame[mk.ENV_STEPS], frame[key], marker="o", ms=3, color=colour, label=label)
-        drawn = True
+    for seed, trial in with_results:
+        for key, label, colour in series:
+            if key not in trial.results:
+                continue
+            frame = trial.results[[mk.ENV_STEPS, key]].dropna()
+            shown = f"{label}, seed {seed}" if len(seeds) > 1 else label
+            style = SEED_STYLES[seed % len(SEED_STYLES)]
+            ax.plot(
+                frame[mk.ENV_STEPS], frame[key], style, marker="o", ms=3, color=colour, label=shown
+            )
+            drawn = True
     if drawn:
         ax.legend(fontsize=8)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from envs.split import read_manifest
 from models.errors import UserError
 from orchestrator.config import RunConfig, parse_config
 from orchestrator.evaluation.per_image import ImageResult, read_rows
@@ -63,6 +64,10 @@ class RunRecord:
     trials: list[TuneTrial]
     train_rows: list[ImageResult]
     """The learned methods on their training images (empty for runs made before it existed)."""
+    val_rows: list[ImageResult]
+    """Every method but the oracles on the val split (empty for runs made before it existed)."""
+    groups: dict[str, str]
+    """Image id -> its video (the split manifest's groups): what the video-level CIs resample."""
     reward_net: dict[str, Any] | None
     predictions: RewardNetPredictions | None
 
@@ -109,9 +114,9 @@ def load_run(root: Path) -> RunRecord:
         facts=facts,
         config=load_run_config(paths),
         rows=read_rows(paths.per_image_csv),
-        train_rows=(
-            read_rows(paths.train_per_image_csv) if paths.train_per_image_csv.is_file() else []
-        ),
+        train_rows=_optional_rows(paths.train_per_image_csv),
+        val_rows=_optional_rows(paths.val_per_image_csv),
+        groups=_groups(paths),
         trials=read_tune_trials(paths),
         reward_net=(
             json.loads(paths.reward_net_report.read_text())
@@ -122,6 +127,16 @@ def load_run(root: Path) -> RunRecord:
             read_reward_net_predictions(predictions_path) if predictions_path.is_file() else None
         ),
     )
+
+
+def _groups(paths: RunPaths) -> dict[str, str]:
+    if not paths.manifest.is_file():
+        raise _not_finished(paths, paths.manifest, "the split, whose videos the CIs resample")
+    return read_manifest(paths.manifest).groups
+
+
+def _optional_rows(path: Path) -> list[ImageResult]:
+    return read_rows(path) if path.is_file() else []
 
 
 def load_run_config(paths: RunPaths) -> RunConfig:

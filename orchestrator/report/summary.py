@@ -31,9 +31,6 @@ from orchestrator.run_dir import RunPaths
 if TYPE_CHECKING:
     from orchestrator.data import PreparedData
 
-if TYPE_CHECKING:
-    pass
-
 
 def build_summary(
     config: RunConfig,
@@ -78,22 +75,47 @@ def build_summary(
     }
 
 
-def _estimate_json(e: Estimate) -> dict[str, Any]:
-    return {"mean": round(e.mean, 6), "ci95": [round(e.low, 6), round(e.high, 6)]}
+def _estimate_json(e: Estimate, image_level: Estimate | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"mean": round(e.mean, 6), "ci95": _ci_json(e)}
+    if image_level is not None:
+        out["ci95_image_level"] = _ci_json(image_level)
+    return out
 
 
-def methods_json(summaries: Mapping[str, MethodSummary]) -> dict[str, Any]:
-    """``summary.json``'s ``methods``: means, 95% CIs and paired differences per method."""
+def _ci_json(e: Estimate) -> list[float]:
+    return [round(e.low, 6), round(e.high, 6)]
+
+
+def methods_json(
+    summaries: Mapping[str, MethodSummary], val: Mapping[str, MethodSummary] | None = None
+) -> dict[str, Any]:
+    """``summary.json``'s ``methods``: per method the test split's means over seeds with the
+    video-level 95% CIs (``ci95``, what verdicts use) and the image-level ones
+    (``ci95_image_level``), the numbers of images, videos and seeds, each seed's means
+    (``per_seed``), the paired differences to each reference (``vs_<reference>``) and the val
+    split's means with video-level CIs (``val``, when evaluated there)."""
     out = {}
     for method in [m for m in METHODS if m in summaries]:
         s = summaries[method]
         entry: dict[str, Any] = {
             "n": s.n,
+            "videos": s.videos,
+            "seeds": s.seeds,
             **{name: round(e.mean, 6) for name, e in s.metrics.items()},
-            "ci95": {name: [round(e.low, 6), round(e.high, 6)] for name, e in s.metrics.items()},
+            "ci95": {name: _ci_json(e) for name, e in s.metrics.items()},
+            "ci95_image_level": {name: _ci_json(e) for name, e in s.image_metrics.items()},
+            "per_seed": {
+                str(seed): {name: round(v, 6) for name, v in means.items()}
+                for seed, means in (s.per_seed or {}).items()
+            },
         }
         for reference, diffs in s.paired.items():
-            entry[f"vs_{reference}"] = {name: _estimate_json(e) for name, e in diffs.items()}
+            image = s.image_paired.get(reference, {})
+            entry[f"vs_{reference}"] = {
+                name: _estimate_json(e, image.get(name)) for name, e in diffs.items()
+            }
+        if val is not None and method in val:
+            entry["val"] = {name: _estimate_json(e) for name, e in val[method].metrics.items()}
         out[method] = entry
     return out
 
@@ -102,15 +124,17 @@ def write_report(paths: RunPaths) -> dict[str, Any]:
     """Rebuild ``summary.json`` (its ``methods``), ``report.md`` and ``plots/*.png`` from the
     run's files; returns the summary. Byte-identical for identical inputs."""
     record = load_run(paths.root)
-    summaries = summarise(record.rows)
+    summaries = summarise(record.rows, groups=record.groups)
+    val = summarise(record.val_rows, groups=record.groups)
     summary = {
         **record.facts,
-        "methods": methods_json(summaries),
+        "methods": methods_json(summaries, val),
         "learning": learning_json(record.config, summaries, record.train_rows, record.rows),
     }
     run_dir.write_json(record.paths.summary, summary)
     plots = write_plots(record, summaries)
-    run_dir.write_text(record.paths.report, render_report(record, summary, summaries, plots))
+    report = render_report(record, summary, summaries, plots, val)
+    run_dir.write_text(record.paths.report, report)
     return summary
 
 

@@ -107,7 +107,7 @@ def train_ppo(
         stats = observation_stats(spec, client, directory)
         if stats is not None:
             env_config["obs_stats"] = stats.to_dict()
-        config = build_ppo_config(run.ppo, ENV_NAME, env_config)
+        config = build_ppo_config(spec.ppo, ENV_NAME, env_config)
         algo: PpoAlgorithm
         if local:
             from orchestrator.training.local_ppo import LocalPPO
@@ -132,10 +132,10 @@ def train_ppo(
                 writer.add_scalar(key, value, global_step=int(steps))
             writer.flush()
             best.offer(algo.get_module(), metrics, spec)
-            export_progress(spec.trial.name, metrics)
+            export_progress(spec.name, metrics)
             _report(sink, algo, best, metrics)
         evaluation = evaluate_best(spec, client, best)
-        export_progress(spec.trial.name, evaluation)
+        export_progress(spec.name, evaluation)
         for key, value in evaluation.items():
             writer.add_scalar(key, value, global_step=int(steps))
         metrics = {**metrics, **evaluation}
@@ -151,12 +151,12 @@ def observation_stats(
 ) -> ObservationStats | None:
     """The trial's fixed observation normalisation (``None`` with
     ``ppo.normalize_observations: false``): the checkpoint's when resuming, else the mean/std of
-    ``ppo.normalization_steps`` random-policy steps on the training images (seeded by
-    ``ppo.seed``). Observations only: the env's objective is replaced by
+    ``ppo.normalization_steps`` random-policy steps on the training images (seeded by the
+    instance's PPO seed). Observations only: the env's objective is replaced by
     :class:`~envs.objectives.NoObjective` (what an env observes never depends on it), so neither
     ground truth nor the reward net is touched, and the reward-guided trial fits its statistics
     while the reward net still trains."""
-    ppo = spec.run.ppo
+    ppo = spec.ppo
     if not ppo.normalize_observations:
         return None
     if checkpoint is not None and (checkpoint / OBSERVATION_STATS_FILE).is_file():
@@ -182,7 +182,7 @@ class BestPolicy:
         if score > self.score or not self.path.is_file():
             self.score = score
             metadata = {
-                "trial": spec.trial.name,
+                "trial": spec.name,
                 "backend_id": spec.backend_id,
                 "manifest_hash": spec.manifest_hash,
                 "env_steps": metrics.get(mk.ENV_STEPS, 0.0),

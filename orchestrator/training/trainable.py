@@ -7,7 +7,9 @@ the run id when the trial starts. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
 ``--resume``; the reward-net trial reports one result per epoch. Every trial says RUNNING and
-READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`).
+READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`); a PPO
+trial another one trains after (the registry's ``after``) hands its best policy off first
+(:mod:`orchestrator.training.handoff`).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 
 from ray import tune
 
-from orchestrator.experiments import TrialSpec
+from orchestrator.experiments import TrialSpec, hands_off
 from orchestrator.inference.client import SegmentationClient
+from orchestrator.run_dir import BEST_POLICY_FILE
+from orchestrator.training.handoff import hand_off
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
@@ -58,4 +62,7 @@ def run_trial(param: dict[str, Any]) -> None:
             train_run_reward_net(spec, client, TuneSink())
             return
         yield_to_reward_chain(spec.trial, spec.run)
-        train_ppo(spec, client, TuneSink())
+        sink = TuneSink()
+        train_ppo(spec, client, sink)
+        if hands_off(spec.trial):
+            hand_off(spec.paths, spec.name, sink.trial_dir / BEST_POLICY_FILE)

@@ -186,7 +186,7 @@ def board(run_id: str) -> Board:
 def reporting(spec: TrialSpec) -> Iterator[None]:
     """Around a trial's function: RUNNING now, READY when the block finishes; an exception is
     noted as the reason of the FAILED the driver will report if Tune gives up on the trial."""
-    name = spec.trial.name
+    name = spec.name
     status = board(spec.run_id)
     status.set(name, RUNNING)
     try:
@@ -198,14 +198,15 @@ def reporting(spec: TrialSpec) -> Iterator[None]:
 
 
 def wait_for(spec: TrialSpec, poll_s: float = POLL_S) -> None:
-    """Block until the trial ``spec.trial.after`` names is READY (at once when it names none);
-    raise :class:`UserError` with its reason as soon as it is FAILED."""
+    """Block until the trial instance ``spec`` waits for (:attr:`TrialSpec.awaits`) is READY
+    (at once when it waits for none); raise :class:`UserError` with its reason as soon as it
+    is FAILED."""
     from orchestrator.experiments import trials_for
 
-    awaited, waiting = spec.trial.after, spec.trial.name
-    if awaited is None:
+    awaited, waiting = spec.awaits, spec.name
+    if awaited is None or spec.trial.after is None:
         return
-    if awaited not in [t.name for t in trials_for(spec.run)]:
+    if spec.trial.after not in [t.name for t in trials_for(spec.run)]:
         raise UserError(
             f"the {waiting} trial needs the {awaited} trial, which this run's experiments "
             f"({', '.join(spec.run.experiments)}) do not include"

@@ -23,7 +23,13 @@ import ray
 from ray import tune
 
 from orchestrator.config import RunConfig
-from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
+from orchestrator.experiments import (
+    TrialOutcome,
+    TrialSpec,
+    instance_names,
+    trial,
+    trials_for,
+)
 from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
 from orchestrator.training.disk_watch import DiskWatch, disk_watched, repair_tune_state
 from orchestrator.training.trainable import run_trial
@@ -84,25 +90,23 @@ def fit(
     """Run (or, with ``--resume``, continue) all trials; returns Tune's ResultGrid.
     ``gpu_mem_mb``: what each GPU-using trial reserves (:func:`trial_gpu_mem_mb`, stage 3)."""
     trials = trials_for(config)
-    cpus = trial_cpus(len(trials))
+    names = instance_names(config)
+    cpus = trial_cpus(len(names))
     # Tune also accepts a function returning a resource dict (its stub names only PGFs).
     trainable = tune.with_resources(run_trial, resources_for(cpus, gpu_mem_mb))  # type: ignore[arg-type]
-    specs = [
-        TrialSpec(
-            trial=t,
-            run=config,
-            root=str(paths.root),
-            run_id=run_id,
-            backend_id=backend_id,
-            data=prepared.ref,
-            gpu_mem_mb=gpu_mem_mb if t.uses_gpu else 0,
-        ).to_param()
-        for t in trials
-    ]
-    # Tune's one edge: the specs differ only in "trial", which Tune grid-searches.
-    param_space = {**specs[0], "trial": tune.grid_search([s["trial"] for s in specs])}
-    names = [t.name for t in trials]
-    print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
+    spec = TrialSpec(
+        trial=trials[0],
+        run=config,
+        root=str(paths.root),
+        run_id=run_id,
+        backend_id=backend_id,
+        data=prepared.ref,
+        gpu_mem_mb=gpu_mem_mb,
+    ).to_param()
+    # Tune's one edge: the instances differ only in "trial" (registry name and seed index),
+    # which Tune grid-searches; a trial's GPU reservation applies only where it uses a GPU.
+    param_space = {**spec, "trial": tune.grid_search(names)}
+    print(f"  {len(names)} trials, {cpus} CPU each: {', '.join(names)}")
     if options.resume and (repaired := repair_tune_state(paths.tune_dir)):
         print(f"  {repaired}")
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
@@ -120,7 +124,7 @@ def fit(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=len(trials),
+                max_concurrent_trials=len(names),
                 trial_name_creator=trial_label,
                 trial_dirname_creator=trial_label,
             ),
