@@ -1,16 +1,22 @@
 """The one registry of experiments and trials, and the typed spec a trial runs from.
 
-Three experiments, four trials (experiment 3 has two steps):
+Four experiments, six trials (experiment 3 has two steps; ``finetune`` uses its step 1):
 
-=============  =================  =====================================================
-trial          experiment         what it does
-=============  =================  =====================================================
-prompt         1 prompt           PPO over PromptSelection-v0 (reward: change of GT Dice)
-postprocess    2 post-processing  PPO over PostProcess-v0 (reward: change of GT Dice)
-reward_net     3 step 1           supervised training of the reward network
-reward_guided  3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of the
-                                  reward network's score), starts once step 1 is READY
-=============  =================  =====================================================
+===================  =================  ===============================================
+trial                experiment         what it does
+===================  =================  ===============================================
+prompt               1 prompt           PPO over PromptSelection-v0 (reward: change of
+                                        GT Dice)
+postprocess          2 post-processing  PPO over PostProcess-v0 (reward: change of GT Dice)
+reward_net           3 step 1           supervised training of the reward network
+reward_guided        3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of
+                                        the reward network's score), once step 1 is READY
+reward_finetune      finetune           the backend's mask head fine-tuned to please the
+                                        reward net, no labels, once step 1 is READY
+supervised_finetune  finetune           the same head trained with the labels (reference)
+===================  =================  ===============================================
+
+A trial that needs the reward net brings the reward-net trial with it (:func:`trials_for`).
 
 Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
 compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
@@ -54,6 +60,8 @@ class Trial:
         trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
+        head_objective: it fine-tunes the backend's mask head (:mod:`models.heads`) against
+            ``"reward"`` (the reward net, no labels) or ``"labels"``; ``None`` otherwise.
     """
 
     name: str
@@ -63,6 +71,7 @@ class Trial:
     needs_reward_net: bool = False
     trains_reward_net: bool = False
     uses_gpu: bool = False
+    head_objective: str | None = None
 
     @property
     def is_ppo(self) -> bool:
@@ -75,8 +84,33 @@ REWARD_NET = Trial("reward_net", "reward", trains_reward_net=True, uses_gpu=True
 REWARD_GUIDED = Trial(
     "reward_guided", "reward", RewardGuidedPromptEnv, "reward_rl", needs_reward_net=True
 )
-TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED)
-"""Every trial, in launch order (reward_net before reward_guided)."""
+REWARD_FINETUNE = Trial(
+    "reward_finetune",
+    "finetune",
+    method="reward_finetune",
+    needs_reward_net=True,
+    uses_gpu=True,
+    head_objective="reward",
+)
+SUPERVISED_FINETUNE = Trial(
+    "supervised_finetune",
+    "finetune",
+    method="supervised_finetune",
+    uses_gpu=True,
+    head_objective="labels",
+)
+TRIALS: tuple[Trial, ...] = (
+    PROMPT,
+    POSTPROCESS,
+    REWARD_NET,
+    REWARD_GUIDED,
+    REWARD_FINETUNE,
+    SUPERVISED_FINETUNE,
+)
+"""Every trial, in launch order (reward_net before the trials that need it)."""
+HEAD_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.head_objective)
+HEAD_METHODS: tuple[str, ...] = tuple(t.method for t in HEAD_TRIALS if t.method)
+"""Evaluation methods that come from a fine-tuned mask head."""
 PPO_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.is_ppo)
 COMBINED_METHOD = "combined"
 COMBINED_OF: tuple[Trial, Trial] = (PROMPT, POSTPROCESS)
@@ -98,13 +132,20 @@ def trial(name: str) -> Trial:
 
 
 def trials_for(config: RunConfig) -> list[Trial]:
-    """The trials a config asks for, in launch order (reward_net before reward_guided)."""
-    return [t for t in TRIALS if t.experiment in config.experiments]
+    """The trials a config asks for, in launch order (reward_net before the trials that need
+    it; a trial that needs it brings it)."""
+    return _with_reward_net([t for t in TRIALS if t.experiment in config.experiments])
 
 
 def trials_of_experiment(experiment: str) -> list[Trial]:
-    """The trials of one experiment (``prompt``, ``postprocess`` or ``reward``), in order."""
-    return [t for t in TRIALS if t.experiment == experiment]
+    """The trials of one experiment (``prompt``, ``postprocess``, ``reward`` or ``finetune``)
+    with the reward-net trial if one of them needs it, in order."""
+    return _with_reward_net([t for t in TRIALS if t.experiment == experiment])
+
+
+def _with_reward_net(chosen: list[Trial]) -> list[Trial]:
+    needed = any(t.needs_reward_net for t in chosen)
+    return [t for t in TRIALS if t in chosen or (needed and t.trains_reward_net)]
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-path",
         metavar="P",
-        help="Sa2VA weights: a local folder (or a hub id with backend.revision pinned)",
+        help="Sa2VA weights: a local folder (or a hub id with backend.revision pinned); "
+        "Frangi: a fine-tuned head folder (RUN/finetune/<trial>/model)",
     )
     parser.add_argument(
         "--output",

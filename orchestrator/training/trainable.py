@@ -5,7 +5,8 @@ it in ``params.json``). Environments reach the models only through a
 :class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
-``--resume``; the reward-net trial reports one result per epoch.
+``--resume``; the reward-net trial reports one result per epoch; the mask-head fine-tuning
+trials (:mod:`~orchestrator.training.finetune`) one per evaluation.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ray import tune
 
 from orchestrator.experiments import TrialSpec
 from orchestrator.inference.client import SegmentationClient
+from orchestrator.training.finetune import run_finetune
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
@@ -54,4 +56,7 @@ def run_trial(param: dict[str, Any]) -> None:
         train_run_reward_net(spec, client, TuneSink())
         return
     yield_to_reward_chain(spec.trial, spec.run)
+    if spec.trial.head_objective:
+        run_finetune(spec, client, TuneSink())
+        return
     train_ppo(spec, client, TuneSink())
