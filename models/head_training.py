@@ -289,7 +289,7 @@ def train_head(
         loss.backward()
         optimiser.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
         if step % settings.eval_every == 0 or step == settings.steps:
             head.eval()
             point = evaluate(step)

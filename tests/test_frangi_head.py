@@ -227,3 +227,12 @@ def test_head_examples_drop_labels_unless_asked(image: np.ndarray) -> None:
     assert unlabelled.truth is None and labelled.truth is truth
     assert np.array_equal(unlabelled.image_x, image_channel(image, 64))
     assert isinstance(unlabelled, HeadExample)
+
+
+def test_run_selects_experiments_with_the_experiment_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import cli, pipeline
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(pipeline, "run", lambda options: seen.setdefault("x", options.experiments))
+    cli.main(["run", "--experiment", "finetune", "--experiment", "prompt", "--output", "/nowhere"])
+    assert seen["x"] == ("finetune", "prompt")

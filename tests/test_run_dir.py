@@ -9,6 +9,7 @@ import pytest
 from envs.sources import DataRef
 from orchestrator.config import CONFIG_DIR, EXPERIMENTS, load_config
 from orchestrator.experiments import (
+    HEAD_METHODS,
     PPO_TRIALS,
     RL_METHODS,
     TRIALS,
@@ -51,11 +52,23 @@ def test_a_started_run_or_foreign_files_still_block(tmp_path: Path, extra: str) 
 
 
 def test_registry_names_every_trial_once_in_launch_order() -> None:
-    assert [t.name for t in TRIALS] == ["prompt", "postprocess", "reward_net", "reward_guided"]
+    assert [t.name for t in TRIALS] == [
+        "prompt",
+        "postprocess",
+        "reward_net",
+        "reward_guided",
+        "reward_finetune",
+        "supervised_finetune",
+    ]
     assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided"]
     assert RL_METHODS == ("prompt_rl", "postprocess_rl", "reward_rl", "combined")
-    assert [t.name for t in TRIALS if t.uses_gpu] == ["reward_net"]
-    assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided"]
+    assert HEAD_METHODS == ("reward_finetune", "supervised_finetune")
+    assert [t.name for t in TRIALS if t.uses_gpu] == [
+        "reward_net",
+        "reward_finetune",
+        "supervised_finetune",
+    ]
+    assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided", "reward_finetune"]
     assert {t.experiment for t in TRIALS} == set(EXPERIMENTS)  # the schema's names
     config = load_config(CONFIG_DIR / "smoke.yaml")
     assert trials_for(config) == list(TRIALS)
