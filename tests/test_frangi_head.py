@@ -232,7 +232,36 @@ def test_head_examples_drop_labels_unless_asked(image: np.ndarray) -> None:
 def test_run_selects_experiments_with_the_experiment_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator import cli, pipeline
 
-    seen: dict[str, object] = {}
-    monkeypatch.setattr(pipeline, "run", lambda options: seen.setdefault("x", options.experiments))
-    cli.main(["run", "--experiment", "finetune", "--experiment", "prompt", "--output", "/nowhere"])
-    assert seen["x"] == ("finetune", "prompt")
+    seen: list[object] = []
+    monkeypatch.setattr(pipeline, "run", lambda options: seen.append(options.experiments) or 0)
+    argv = ["run", "--experiment", "finetune", "--experiment", "prompt", "--output", "/nowhere"]
+    assert cli.main(argv) == 0
+    assert seen == [("finetune", "prompt")]
+
+
+def test_reward_examples_include_perturbed_soft_masks_scored_by_their_hard_mask() -> None:
+    from envs.mask_ops import MaskOpsConfig
+    from envs.reward_data import build_examples, candidate_masks
+    from models.metrics import mask_metrics
+    from models.reward_net import mask_channel
+    from tests.test_reward_net import PROMPTS, _samples, _ThresholdSegmenter
+
+    samples, segmenter = _samples(2), _ThresholdSegmenter()
+    per_image = len(PROMPTS) + 3
+    examples = build_examples(
+        samples, segmenter, PROMPTS, per_image=per_image, input_size=16, seed=2, soft=2
+    )
+    rng = np.random.default_rng(2)  # the same draws, replayed
+    for i, sample in enumerate(samples):
+        assert sample.mask is not None
+        masks = candidate_masks(sample, segmenter, PROMPTS, rng, MaskOpsConfig(), per_image, soft=2)
+        kinds = [m.dtype for m in masks]
+        assert kinds == [np.bool_] * (per_image - 2) + [np.float32] * 2
+        own = examples[per_image * (i + 1) - 2 : per_image * (i + 1)]
+        for example, mask in zip(own, masks[-2:], strict=True):
+            m = mask_metrics(mask > 0.5, sample.mask)
+            assert (
+                example.y.tolist() == np.array([m.dice, m.recall, m.precision], np.float32).tolist()
+            )
+            assert np.array_equal(example.mask_x, mask_channel(mask, 16))
+            assert ((mask > 0.05) & (mask < 0.95)).any()  # soft, not a thresholded mask
