@@ -25,8 +25,10 @@ from orchestrator.config import parse_config
 from orchestrator.data import prepare_data
 from orchestrator.experiments import TrialSpec, trial
 from orchestrator.run_dir import RunPaths
+from orchestrator.run_id import new_run_id
 from orchestrator.training.finetune import HISTORY_FILE, run_finetune, trial_dir
 from orchestrator.training.local import LocalSink
+from orchestrator.training.trial_status import READY, host_locally
 
 METHODS = ("reward_gradient", "policy_gradient")
 
@@ -54,8 +56,10 @@ def main() -> None:
         link = RunPaths(root).reward_net_dir
         if not link.exists():
             link.symlink_to(run.reward_net_dir)
+        run_id = new_run_id()
+        host_locally(run_id, str(root)).set("reward_net", READY)  # the finished run's net
         spec = TrialSpec(
-            trial("reward_finetune"), config, str(root), (), segmenter.backend_id, prepared.ref
+            trial("reward_finetune"), config, str(root), run_id, segmenter.backend_id, prepared.ref
         )
         start = time.process_time()
         run_finetune(spec, segmenter, LocalSink(root / "trial"))

@@ -27,13 +27,14 @@ scale-normalised Hessian norm ``s**2 * |H|`` against ``GAMMA`` (an absolute cont
 image units 0..1). A fixed ``gamma`` keeps the response contrast-dependent, as a real detector
 is: faint vessels score low, which is what "low contrast" prompts are for.
 
-Work shared between prompts: a worker is asked (image, prompt) pairs one at a time, typically
-every candidate prompt of one image in a row. Presets with the same contrast setting share
-their per-scale filter responses, and presets with the same scales and contrast setting share
-the whole vesselness map; both are kept for the most recent ``max_images`` images (keyed by
-image digest), so only the cheap per-preset steps (threshold, components, catheter) are
-repeated. A result never depends on what was asked before (``np.maximum`` is exact, so a
-vesselness map is bit-identical whichever responses were cached).
+Work shared between prompts: ``segment_prompts(image, prompts)`` (what a worker calls with the
+prompts of one image it has to compute) filters the image once for all of them: presets with
+the same contrast setting share their per-scale filter responses, and presets with the same
+scales and contrast setting share the whole vesselness map, so only the cheap per-preset steps
+(threshold, components, catheter) run per prompt. The responses are also kept for the most
+recent ``max_images`` images (keyed by image digest), so ``segment`` called prompt by prompt on
+one image shares them too. A result never depends on what was asked before (``np.maximum`` is
+exact, so a vesselness map is bit-identical whichever responses were cached).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -119,11 +121,12 @@ class FrangiStats:
     """Counters of one segmenter.
 
     Attributes:
-        calls: ``segment`` calls.
+        calls: answers given (one per prompt of ``segment`` and ``segment_prompts``).
         responses_computed / responses_reused: of the per-scale filter responses the calls
             needed (one per scale of each call's preset), how many were computed and how many
             came from the cache (directly or inside a cached vesselness map).
-        total_seconds / last_seconds: time spent in ``segment``, all calls / the last one.
+        total_seconds / last_seconds: time spent answering, all answers / per answer of the
+            last call.
     """
 
     calls: int
@@ -177,16 +180,22 @@ class FrangiSegmenter:
 
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         """Segment the vessels of ``image`` (uint8 HxWx3 RGB) the way ``prompt`` asks."""
+        return self.segment_prompts(image, [prompt])[0]
+
+    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        """``segment(image, p)`` for every prompt, in order, filtering the image once for all
+        of them (see the module docstring); the answers equal those of ``segment``."""
         _check_image(image)
-        preset = PRESETS[preset_name_for(prompt)]
+        presets = [PRESETS[preset_name_for(prompt)] for prompt in prompts]
         with self._lock:
             start = time.perf_counter()
             maps = self._maps(image)
-            result = _to_segmentation(self._powered(maps, preset), preset)
-            self._last = time.perf_counter() - start
-            self._total += self._last
-            self._calls += 1
-        return result
+            results = [_to_segmentation(self._powered(maps, p), p) for p in presets]
+            elapsed = time.perf_counter() - start
+            self._last = elapsed / max(1, len(presets))
+            self._total += elapsed
+            self._calls += len(presets)
+        return results
 
     def _maps(self, image: np.ndarray) -> _ImageMaps:
         key = image_digest(image)

@@ -4,6 +4,12 @@
 names what to segment. Equal ``(backend_id, image bytes, prompt)`` must give equal results, so
 ``backend_id`` has to change whenever the outputs could change (model path and revision, preset
 table version, thresholds).
+
+Optionally (:class:`MultiPromptSegmenter`) ``segment_prompts(image, prompts) -> list`` answers
+several prompts about one image in one call, in order, with the same answers as ``segment``: a
+backend does the image-only work once there (Frangi's filter responses, Sa2VA's vision and SAM2
+image encoders), and the worker pool's client sends one request per image. Callers go through
+:func:`segment_all`, which uses it when present.
 """
 
 from __future__ import annotations
@@ -62,12 +68,22 @@ class Segmenter(Protocol):
         ...
 
 
+@runtime_checkable
+class MultiPromptSegmenter(Segmenter, Protocol):
+    """A segmenter that also answers several prompts about one image in one call."""
+
+    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        """``[segment(image, p) for p in prompts]``, with image-only work done once."""
+        ...
+
+
 def segment_all(
     segmenter: Segmenter, image: np.ndarray, prompts: Sequence[str]
 ) -> list[Segmentation]:
     """``segmenter.segment(image, p)`` for every prompt, in order, in one call when the
-    segmenter offers ``segment_prompts`` (the worker-pool client: one round trip and one image
-    transfer per image instead of one per prompt); the answers are the same either way."""
+    segmenter offers ``segment_prompts`` (a backend does its image-only work once; the
+    worker-pool client makes one round trip and one image transfer per image instead of one per
+    prompt); the answers are the same either way."""
     batched = getattr(segmenter, "segment_prompts", None)
     if batched is not None:
         return list(batched(image, list(prompts)))

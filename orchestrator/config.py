@@ -86,6 +86,10 @@ class BackendConfig(_Section):
     model whose code does not hard-code CUDA."""
     allow_unpinned_remote_code: bool = False
     """Allow trust_remote_code from a hub id without a pinned revision (unsafe)."""
+    max_new_tokens: int = Field(64, ge=1, le=2048)
+    """Sa2VA: most answer tokens generated per prompt (upstream allows 2,048). Its answers
+    ("Sure, [SEG].") take about 5; a longer answer is cut and its result flagged
+    ``answer_truncated``. Part of the backend id (a cut answer can differ)."""
     runtime_env: dict[str, Any] | None = None
     """Sa2VA: a Ray runtime_env of the segmentation workers' own, e.g.
     ``{pip: ["transformers==4.51.3"]}`` for a v1 checkpoint; the workers then check the model
@@ -431,6 +435,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if overrides:
         data = _merge(data, overrides)
     return parse_config(data, source=str(path))
+
+
+def with_overrides(config: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
+    """``config`` with ``overrides`` (nested dict) applied, validated like a loaded one."""
+    return parse_config(_merge(config_to_dict(config), overrides), source=source)
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -16,7 +16,9 @@ reward_finetune      finetune           the backend's mask head fine-tuned to pl
 supervised_finetune  finetune           the same head trained with the labels (reference)
 ===================  =================  ===============================================
 
-A trial that needs the reward net brings the reward-net trial with it (:func:`trials_for`).
+A trial that depends on another names it in ``after``: it waits for that trial's READY and
+stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`); choosing
+it brings that trial into the run (:func:`trials_for`).
 
 Every other module asks this registry (:data:`TRIALS`, :func:`trial`) what a trial is; none
 compares trial names. The PPO trials are symmetrical: same algorithm config, same loop, same
@@ -41,7 +43,7 @@ from envs.sources import DataRef, load_split
 from models.reward_net import MaskScorer, RewardPrediction, RewardScorer, load_checkpoint
 from orchestrator.config import RunConfig, config_to_dict, parse_config
 from orchestrator.run_dir import RunPaths
-from orchestrator.training.reward_net_status import wait_for_reward_net
+from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
     from models.segmentation import Segmenter
@@ -56,12 +58,15 @@ class Trial:
         experiment: the experiment it belongs to (``config.experiments`` names these).
         env_class: the environment a PPO trial learns in; ``None`` for supervised trials.
         method: the evaluation method of its policy (``eval/per_image.csv``), or ``None``.
-        needs_reward_net: it waits for the reward-net trial of the same run to be READY.
+        needs_reward_net: its environment scores masks with the run's reward net (and so it
+            waits for the reward-net trial: ``after``).
         trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
         head_objective: it fine-tunes the backend's mask head (:mod:`models.heads`) against
             ``"reward"`` (the reward net, no labels) or ``"labels"``; ``None`` otherwise.
+        after: the trial of the same run whose READY this one waits for before it needs its
+            outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``.
     """
 
     name: str
@@ -72,6 +77,7 @@ class Trial:
     trains_reward_net: bool = False
     uses_gpu: bool = False
     head_objective: str | None = None
+    after: str | None = None
 
     @property
     def is_ppo(self) -> bool:
@@ -82,7 +88,12 @@ PROMPT = Trial("prompt", "prompt", PromptSelectionEnv, "prompt_rl")
 POSTPROCESS = Trial("postprocess", "postprocess", PostProcessEnv, "postprocess_rl")
 REWARD_NET = Trial("reward_net", "reward", trains_reward_net=True, uses_gpu=True)
 REWARD_GUIDED = Trial(
-    "reward_guided", "reward", RewardGuidedPromptEnv, "reward_rl", needs_reward_net=True
+    "reward_guided",
+    "reward",
+    RewardGuidedPromptEnv,
+    "reward_rl",
+    needs_reward_net=True,
+    after=REWARD_NET.name,
 )
 REWARD_FINETUNE = Trial(
     "reward_finetune",
@@ -91,6 +102,7 @@ REWARD_FINETUNE = Trial(
     needs_reward_net=True,
     uses_gpu=True,
     head_objective="reward",
+    after=REWARD_NET.name,
 )
 SUPERVISED_FINETUNE = Trial(
     "supervised_finetune",
@@ -132,20 +144,20 @@ def trial(name: str) -> Trial:
 
 
 def trials_for(config: RunConfig) -> list[Trial]:
-    """The trials a config asks for, in launch order (reward_net before the trials that need
-    it; a trial that needs it brings it)."""
-    return _with_reward_net([t for t in TRIALS if t.experiment in config.experiments])
+    """The trials a config asks for, in launch order (a trial before those that wait for it;
+    a trial another one waits for comes with it)."""
+    return _with_awaited([t for t in TRIALS if t.experiment in config.experiments])
 
 
 def trials_of_experiment(experiment: str) -> list[Trial]:
     """The trials of one experiment (``prompt``, ``postprocess``, ``reward`` or ``finetune``)
-    with the reward-net trial if one of them needs it, in order."""
-    return _with_reward_net([t for t in TRIALS if t.experiment == experiment])
+    and those they wait for (``after``), in launch order."""
+    return _with_awaited([t for t in TRIALS if t.experiment == experiment])
 
 
-def _with_reward_net(chosen: list[Trial]) -> list[Trial]:
-    needed = any(t.needs_reward_net for t in chosen)
-    return [t for t in TRIALS if t in chosen or (needed and t.trains_reward_net)]
+def _with_awaited(chosen: list[Trial]) -> list[Trial]:
+    awaited = {t.after for t in chosen if t.after}
+    return [t for t in TRIALS if t in chosen or t.name in awaited]
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,9 @@ class TrialSpec:
         trial: the registry entry.
         run: the resolved run config.
         root: the run directory.
-        workers: the segmentation workers' Ray names (empty: in-process workers).
+        run_id: the run's id: the trial finds its run's segmentation workers and status board
+            by it when it starts (:mod:`orchestrator.run_id`), never from a list frozen into
+            its config, so a resumed run may have more or fewer workers.
         backend_id: the workers' backend id (ties checkpoints and policies to it).
         data: the run's data reference (every data setting; the split manifest and its hash).
         gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
@@ -167,7 +181,7 @@ class TrialSpec:
     trial: Trial
     run: RunConfig
     root: str
-    workers: tuple[str, ...]
+    run_id: str
     backend_id: str
     data: DataRef
     gpu_mem_mb: int = 0
@@ -187,7 +201,7 @@ class TrialSpec:
             "trial": self.trial.name,
             "run": config_to_dict(self.run),
             "root": self.root,
-            "workers": list(self.workers),
+            "run_id": self.run_id,
             "backend_id": self.backend_id,
             "data": self.data.to_dict(),
             "gpu_mem_mb": self.gpu_mem_mb,
@@ -200,7 +214,7 @@ class TrialSpec:
             trial=trial(str(param["trial"])),
             run=parse_config(dict(param["run"]), source="trial config"),
             root=str(param["root"]),
-            workers=tuple(param["workers"]),
+            run_id=str(param["run_id"]),
             backend_id=str(param["backend_id"]),
             data=DataRef.from_dict(param["data"]),
             gpu_mem_mb=int(param.get("gpu_mem_mb", 0)),
@@ -265,8 +279,9 @@ class RunRewardNet:
     """The run's reward net, loaded when it first scores a mask: an env of the reward-guided
     trial can be built (and its observation statistics fitted) while step 1 still trains.
 
-    The first :meth:`score` waits for the reward-net trial to be READY (it raises at once, with
-    the reason, when that trial FAILED) and loads the checkpoint (:func:`run_reward_scorer`).
+    The first :meth:`score` waits for the trial's ``after`` (the reward-net trial) to be READY
+    (it raises at once, with the reason, when that trial FAILED) and loads the checkpoint
+    (:func:`run_reward_scorer`).
     """
 
     def __init__(self, spec: TrialSpec) -> None:
@@ -275,7 +290,7 @@ class RunRewardNet:
 
     def load(self) -> RewardScorer:
         if self._scorer is None:
-            wait_for_reward_net(self.spec.paths)
+            wait_for(self.spec)
             self._scorer = run_reward_scorer(self.spec)
         return self._scorer
 

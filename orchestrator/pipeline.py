@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from models.errors import UserError
-from orchestrator.config import RunConfig, config_to_dict, load_config, parse_config
+from orchestrator.config import (
+    RunConfig,
+    config_to_dict,
+    load_config,
+    parse_config,
+    with_overrides,
+)
 from orchestrator.data import PreparedData, prepare_data
 from orchestrator.experiments import trials_for
 from orchestrator.run_dir import RunPaths, write_json, write_text
@@ -35,6 +41,11 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "experiments"
 DEFAULT_OUTPUT = "runs"
+RESUME_MAY_CHANGE = ("--num-cpus", "--address", "--no-dashboard")
+"""Flags a resumed run may give differently: where and on what it runs, not what it computes
+(fewer CPUs mean fewer CPU workers; the trials find whatever workers the resume started)."""
+PATH_KEYS = frozenset({"data.path", "backend.model_path", "workers.cache_dir"})
+"""Config keys compared as paths on ``--resume`` (two spellings of one folder agree)."""
 
 
 @dataclass
@@ -93,17 +104,11 @@ class StageClock:
 
 # --- the run directory ---------------------------------------------------------------------------
 def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
-    """The run's config: the saved one when resuming (flags must not contradict it)."""
+    """The run's config: the saved one when resuming (flags must not contradict it,
+    :func:`check_resume_flags`)."""
     if options.resume and paths.config.is_file():
         saved = parse_config(yaml.safe_load(paths.config.read_text()), source=str(paths.config))
-        if options.config is not None:
-            asked = load_config(options.config, options.overrides())
-            if config_to_dict(asked) != config_to_dict(saved):
-                raise UserError(
-                    f"--resume: {options.config} (with the flags given) differs from the config "
-                    f"this run started with ({paths.config}); resume without --config, or start "
-                    "a new run with another --output"
-                )
+        check_resume_flags(options, saved, paths)
         check_model_source(saved, local=options.address is None)
         return saved
     if options.resume:
@@ -128,6 +133,44 @@ def resolve_config(options: RunOptions, paths: RunPaths) -> RunConfig:
     return config
 
 
+def check_resume_flags(options: RunOptions, saved: RunConfig, paths: RunPaths) -> None:
+    """Refuse a ``--resume`` whose ``--config`` or flags (``--data``, ``--backend``,
+    ``--model-path``, ``--cache-dir``, ``--inventory``, ``--experiment``) give a config key
+    another value than the run started with, naming each such key; the flags of
+    :data:`RESUME_MAY_CHANGE` may differ."""
+    if options.config is not None:
+        asked = load_config(options.config, options.overrides())
+        source = f"{options.config} with the flags given"
+    else:
+        asked = with_overrides(saved, options.overrides(), source="the flags given")
+        source = "the flags given"
+    differing = _differing_keys(config_to_dict(saved), config_to_dict(asked))
+    if differing:
+        raise UserError(
+            f"--resume: {source} contradict the config this run started with ({paths.config}): "
+            f"{'; '.join(differing)}. Resume without them (the saved config is used), or start "
+            f"a new run with another --output. ({', '.join(RESUME_MAY_CHANGE)} may differ.)"
+        )
+
+
+def _differing_keys(saved: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: this run has X, asked Y`` for every leaf key whose values differ."""
+    found = []
+    for key in sorted(set(saved) | set(asked)):
+        name, old, new = f"{prefix}{key}", saved.get(key), asked.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += _differing_keys(old, new, f"{name}.")
+        elif old != new and not (name in PATH_KEYS and _same_path(old, new)):
+            found.append(f"{name}: this run has {old!r}, asked {new!r}")
+    return found
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 # --- Ray: GPU plan, cluster, workers ------------------------------------------------------------
 def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
     """The backend name and constructor options the workers build."""
@@ -150,6 +193,7 @@ def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
         "revision": backend.revision,
         "device": backend.device,
         "allow_unpinned_remote_code": backend.allow_unpinned_remote_code,
+        "max_new_tokens": backend.max_new_tokens,
     }
 
 
@@ -165,7 +209,10 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
 
         try:
             preflight(
-                **{**options, "device": options["device"] if local else None},
+                options["model_path"],
+                options["revision"],
+                options["allow_unpinned_remote_code"],
+                device=options["device"] if local else None,
                 environment=config.backend.runtime_env is None,
             )
         except UserError as err:
@@ -269,14 +316,20 @@ def unseen_paths(markers: dict[str, str], folders: list[str]) -> list[str]:
     return unseen + [folder for folder in folders if not Path(folder).is_dir()]
 
 
-def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[str]:
-    """One worker per planned GPU, or ``workers.cpu_workers`` CPU workers (call after
-    ``ray.init``: "auto" counts the cluster's CPUs)."""
+def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: str) -> list[str]:
+    """Run ``run_id``'s workers: one per planned GPU, all at the smallest planned input cap
+    (:func:`~orchestrator.inference.pool.pool_input_cap`), or ``workers.cpu_workers`` CPU
+    workers (call after ``ray.init``: "auto" counts the cluster's CPUs)."""
     import ray
 
     from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
-    from orchestrator.inference.pool import WorkerPlacement, start_workers
+    from orchestrator.inference.pool import (
+        WorkerPlacement,
+        pool_input_cap,
+        run_prefix,
+        start_workers,
+    )
     from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
@@ -296,12 +349,19 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None) -> list[
             )
             for slot in plan.workers
         ]
+        caps = sorted({slot.input_cap for slot in plan.workers if slot.input_cap}, reverse=True)
+        if len(caps) > 1:
+            print(
+                f"  the plan allows input caps {caps} px on different GPUs: every worker uses "
+                f"{pool_input_cap(placements)} px (one answer per (image, prompt) pair)"
+            )
     return start_workers(
         len(placements),
         BackendSpec(name, backend_options),
         config.workers.cache_dir,
         placements=placements,
         memory_cache_bytes=config.workers.memory_cache_mb * 2**20,
+        name_prefix=run_prefix(run_id),
     )
 
 
@@ -339,22 +399,30 @@ def run(options: RunOptions) -> int:
     """The whole job; returns the exit code."""
     import ray
 
-    from orchestrator.inference.client import SegmentationClient
+    from orchestrator.inference.client import (
+        SegmentationClient,
+        SegmentationRequestError,
+        SegmentationWorkerUnavailableError,
+    )
+    from orchestrator.run_id import ensure_run_id
     from orchestrator.training import tuner as tuning
+    from orchestrator.training.trial_status import start_board
 
     started = time.monotonic()
     paths = RunPaths(Path(options.output or DEFAULT_OUTPUT).expanduser().resolve())
     clock = StageClock(total=7)
     with clock.stage("config", f"config and run directory {paths.root}"):
         config = resolve_config(options, paths)
+        run_id = ensure_run_id(paths)
         names = [t.name for t in trials_for(config)]
-        print(f"  mode {config.mode}, backend {config.backend.name}, trials {names}")
+        print(f"  run {run_id}, mode {config.mode}, backend {config.backend.name}, trials {names}")
     with clock.stage("data", "data and split"):
         prepared = prepare_data(config, paths)
     try:
         with clock.stage("ray", "GPU plan, Ray and segmentation workers"):
             plan = None if options.address else gpu_plan(config, None)
             start_ray(options, plan)
+            start_board(run_id, str(paths.root))
             if options.address:
                 check_shared_storage(config, paths, prepared)
                 plan = gpu_plan(config, options.address)
@@ -362,7 +430,7 @@ def run(options: RunOptions) -> int:
                 write_json(paths.gpu_plan, plan.to_json())
             # Every refusal the plan can make comes here, before any worker starts.
             trial_gpu_mb = tuning.trial_gpu_mem_mb(config, plan)
-            workers = start_segmentation_workers(config, plan)
+            workers = start_segmentation_workers(config, plan, run_id)
             client = SegmentationClient(workers)
             print(f"  workers {workers}, backend {client.backend_id}")
         with clock.stage("warmup", "cache warm-up"):
@@ -373,7 +441,7 @@ def run(options: RunOptions) -> int:
             # The policy-free methods use the cores the trials leave idle (see the module).
             references = start_reference_evaluation(config, paths, prepared, client)
             grid = tuning.fit(
-                options, config, paths, prepared, workers, client.backend_id, trial_gpu_mb
+                options, config, paths, run_id, prepared, client.backend_id, trial_gpu_mb
             )
             trials = tuning.outcomes(grid)
         with clock.stage("evaluate", "evaluation on the test split"):
@@ -405,6 +473,11 @@ def run(options: RunOptions) -> int:
             # rebuilds it, so both give the same bytes.
             summary = report.write_report(paths)
             print(report.comparison_table(summary))
+    except (SegmentationRequestError, SegmentationWorkerUnavailableError) as err:
+        raise UserError(
+            f"the run stopped: {err} What finished is kept in {paths.root}: continue with "
+            "--resume once the cause is gone."
+        ) from None
     finally:
         if ray.is_initialized():
             ray.shutdown()

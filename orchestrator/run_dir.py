@@ -3,12 +3,14 @@
 Layout under ``root`` (``sa2va-rl run --output``)::
 
     config.yaml              the resolved config (written once the data checks passed)
+    run_id                   the run's id (its Ray actors are named under it; see run_id.py)
     data/                    the built-in synthetic angiograms (when data.path is unset)
     split_manifest.json      the train/val/test split (envs.split)
     gpu_plan.json            the GPU memory plan (GPU backends only)
     tune/                    the Tune experiment: one directory per trial, with
                              best_policy.pt and algo/ in each checkpoint
-    reward_net/              best_reward_net.pt, report.json, val_predictions.csv, status.json
+    reward_net/              best_reward_net.pt, report.json, val_predictions.csv
+    status/<trial>.json      the record of each trial's RUNNING / READY / FAILED (trial_status)
     eval/                    per_image.csv and examples/<method>__<image>.png
     summary.json, report.md, plots/*.png
     logs/
@@ -47,6 +49,11 @@ class RunPaths:
         return self.root / "config.yaml"
 
     @property
+    def run_id(self) -> Path:
+        """The run's id (see :mod:`orchestrator.run_id`)."""
+        return self.root / "run_id"
+
+    @property
     def synthetic_data(self) -> Path:
         return self.root / "data"
 
@@ -79,10 +86,9 @@ class RunPaths:
         """Predicted and true targets of the reward net's validation examples (CSV)."""
         return self.reward_net_dir / "val_predictions.csv"
 
-    @property
-    def reward_net_status(self) -> Path:
-        """RUNNING / READY / FAILED of the reward-net trial (see training.reward_net_status)."""
-        return self.reward_net_dir / "status.json"
+    def trial_status(self, trial: str) -> Path:
+        """The record of ``trial``'s RUNNING / READY / FAILED (see training.trial_status)."""
+        return self.root / "status" / f"{trial}.json"
 
     @property
     def summary(self) -> Path:
@@ -120,7 +126,14 @@ class RunPaths:
 
     def before_tune(self) -> tuple[Path, ...]:
         """What a run writes before Tune starts (config, data, split, GPU plan, logs)."""
-        return (self.config, self.synthetic_data, self.manifest, self.gpu_plan, self.logs)
+        return (
+            self.config,
+            self.run_id,
+            self.synthetic_data,
+            self.manifest,
+            self.gpu_plan,
+            self.logs,
+        )
 
     def is_attempt_before_tune(self) -> bool:
         """Whether ``root`` holds only what an attempt that stopped before Tune wrote (a failed

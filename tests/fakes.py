@@ -58,6 +58,8 @@ class FakeSegmenter:
             longest side, limited by ``input_cap``) is above this many pixels.
         input_cap: longest side the model works at; larger images are subsampled, so the answer
             changes with the cap (like a real backend that resizes).
+        cuda_fault_prompt: raise a CUDA error other than OOM (``torch.AcceleratorError``, an
+            illegal memory access) for this prompt.
     """
 
     def __init__(
@@ -67,8 +69,10 @@ class FakeSegmenter:
         events_path: str | None = None,
         oom_above: int | None = None,
         input_cap: int | None = None,
+        cuda_fault_prompt: str | None = None,
     ) -> None:
         self._backend_id = backend_id
+        self.cuda_fault_prompt = cuda_fault_prompt
         self.latency_s = latency_s
         self.events_path = events_path
         self.oom_above = oom_above
@@ -85,6 +89,10 @@ class FakeSegmenter:
     def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
         side = max(image.shape[:2])
         effective = side if self.input_cap is None else min(side, self.input_cap)
+        if prompt == self.cuda_fault_prompt:
+            import torch
+
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
         if self.oom_above is not None and effective > self.oom_above:
             import torch  # only the OOM path needs it; keeps worker start-up fast
 
@@ -132,10 +140,17 @@ class FakeBackendFactory:
     latency_s: float = 0.0
     events_path: str | None = None
     oom_above: int | None = None
+    cuda_fault_prompt: str | None = None
 
     def __call__(self) -> FakeSegmenter:
         _log_event(self.events_path, event="load", pid=os.getpid())
-        return FakeSegmenter(self.backend_id, self.latency_s, self.events_path, self.oom_above)
+        return FakeSegmenter(
+            self.backend_id,
+            self.latency_s,
+            self.events_path,
+            self.oom_above,
+            cuda_fault_prompt=self.cuda_fault_prompt,
+        )
 
 
 def random_image(seed: int, size: int = 64) -> np.ndarray:

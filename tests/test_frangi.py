@@ -26,7 +26,7 @@ from models.frangi import (
 )
 from models.metrics import mask_metrics
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, PROMPT_SETS, prompt_set
-from models.segmentation import Segmentation, Segmenter
+from models.segmentation import MultiPromptSegmenter, Segmentation, Segmenter
 from models.vesselness import frangi_response
 
 CALIBRATION_FRAMES = 48  # the first 6 videos of the default demo-data dataset (seed 0)
@@ -131,6 +131,17 @@ def test_all_prompts_of_one_image_compute_each_scale_once(samples: list) -> None
     again = segmenter.segment(samples[1].image, DEFAULT_PROMPT)  # a new image: computed afresh
     assert _same(again, FrangiSegmenter().segment(samples[1].image, DEFAULT_PROMPT))
     assert segmenter.stats().responses_computed == 8 + 3
+
+
+def test_segment_prompts_filters_once_and_answers_as_segment(samples: list) -> None:
+    shared = FrangiSegmenter()
+    assert isinstance(shared, MultiPromptSegmenter)
+    got = shared.segment_prompts(samples[0].image, CANDIDATE_PROMPTS)
+    stats = shared.stats()
+    assert (stats.calls, stats.responses_computed) == (len(CANDIDATE_PROMPTS), 8)
+    # Each prompt on a fresh segmenter (nothing shared) gives the same answer.
+    for prompt, result in zip(CANDIDATE_PROMPTS, got, strict=True):
+        assert _same(result, FrangiSegmenter().segment(samples[0].image, prompt))
 
 
 def test_keeps_at_most_max_images_and_refuses_zero(samples: list) -> None:

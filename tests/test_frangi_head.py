@@ -40,11 +40,10 @@ from models.reward_net import RewardNet, image_channel
 from models.segmentation import Segmentation
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.experiments import TrialSpec, trial, trials_for, trials_of_experiment
-from orchestrator.run_dir import RunPaths
-from orchestrator.training import reward_net_status as status
+from orchestrator.run_id import new_run_id
+from orchestrator.training import trial_status as status
 from orchestrator.training.finetune import head_examples, run_finetune
-from orchestrator.training.reward_net import train_run_reward_net
-from tests.test_reward_net_status import ListSink
+from orchestrator.training.local import LocalSink
 
 
 @pytest.fixture(scope="module")
@@ -187,35 +186,34 @@ def test_the_finetune_experiment_brings_the_reward_net_trial() -> None:
 
 
 def test_reward_finetuning_waits_for_the_reward_net_and_fails_with_it(tmp_path: Path) -> None:
-    paths = RunPaths(tmp_path / "run")
-    missing = tmp_path / "no-such-dataset"
+    run_id = new_run_id()
+    board = status.host_locally(run_id, str(tmp_path))
+    run = load_config(CONFIG_DIR / "smoke.yaml")
     spec = TrialSpec(
-        trial=trial("reward_finetune"),
-        run=load_config(CONFIG_DIR / "smoke.yaml"),
-        root=str(paths.root),
-        workers=(),
-        backend_id="frangi",
-        data=DataRef(str(missing)),
+        trial("reward_finetune"), run, str(tmp_path), run_id, "frangi", DataRef(str(tmp_path))
     )
-    status.write_status(paths, status.RUNNING)
+    awaited = TrialSpec(trial("reward_net"), run, str(tmp_path), run_id, "frangi", spec.data)
     outcome: dict[str, object] = {}
 
     def finetune() -> None:
         try:
-            run_finetune(spec, FrangiSegmenter(), ListSink(tmp_path / "ft"))
+            run_finetune(spec, FrangiSegmenter(), LocalSink(tmp_path / "ft"))
         except UserError as err:
             outcome["error"] = str(err)
 
-    waiter = threading.Thread(target=finetune)
-    waiter.start()
-    time.sleep(0.5)
-    assert waiter.is_alive(), "reward_finetune did not wait for the reward net"
-    net_spec = TrialSpec(trial("reward_net"), spec.run, spec.root, (), "frangi", spec.data)
-    with pytest.raises(UserError, match="does not exist"):
-        train_run_reward_net(net_spec, FrangiSegmenter(), ListSink(tmp_path / "net"))
+    with pytest.raises(RuntimeError, match="boom"), status.reporting(awaited):
+        waiter = threading.Thread(target=finetune)
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive(), "reward_finetune did not wait for the reward net"
+        raise RuntimeError("boom")
+    board.fail("reward_net", "Tune: its process ended")  # the driver's word when Tune gives up
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "reward_finetune did not stop on FAILED"
-    assert "the reward-net trial failed (UserError: dataset path" in str(outcome["error"])
+    assert outcome["error"] == (
+        "the reward_net trial failed (RuntimeError: boom), so the reward_finetune trial cannot "
+        "go on; see tune/reward_net_*/error.txt in the run directory"
+    )
 
 
 def test_head_examples_drop_labels_unless_asked(image: np.ndarray) -> None:

@@ -17,24 +17,39 @@ from fakes import FakeBackendFactory, fake_answer, random_image
 
 import orchestrator.inference.client as client_module
 from models.segmentation import Segmentation, image_digest
-from orchestrator.inference.client import SegmentationClient, SegmentationWorkerUnavailableError
-from orchestrator.inference.transport import InProcessTransport, WorkerUnavailable
+from orchestrator.inference.client import (
+    SegmentationClient,
+    SegmentationRequestError,
+    SegmentationWorkerUnavailableError,
+)
+from orchestrator.inference.transport import (
+    InProcessTransport,
+    WorkerCrashed,
+    WorkerTimedOut,
+    WorkerUnavailable,
+)
 from orchestrator.inference.worker import SegmentationWorker
 
 
 class CountingTransport(InProcessTransport):
-    """An in-process transport that counts calls and can fail its first ``failures`` serves."""
+    """An in-process transport that counts calls and can fail its first ``failures`` serves
+    (by default as a restarting worker; ``error``: another transport error)."""
 
-    def __init__(self, worker: SegmentationWorker, failures: int = 0) -> None:
+    def __init__(
+        self, worker: SegmentationWorker, failures: int = 0, error: Exception | None = None
+    ) -> None:
         super().__init__(worker)
         self.serves: list[list[str]] = []
         self.failures = failures
+        self.error = error or WorkerUnavailable("ActorUnavailableError: restarting")
+        self.attempts = 0
         self.resets = 0
 
     def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        self.attempts += 1
         if self.failures:
             self.failures -= 1
-            raise WorkerUnavailable("ActorUnavailableError: restarting")
+            raise self.error
         self.serves.append(list(prompts))
         return super().serve(digest, image, prompts)
 
@@ -113,6 +128,43 @@ def test_a_worker_that_never_comes_back_fails_with_a_clear_error() -> None:
     client = SegmentationClient([transport], retry_timeout_s=0.3)
     with pytest.raises(SegmentationWorkerUnavailableError, match="did not answer within 0 s"):
         client.segment(random_image(4), "p0")
+
+
+@pytest.mark.parametrize("crashes", [2, 10])
+def test_a_request_that_keeps_crashing_its_worker_fails_naming_the_image(crashes: int) -> None:
+    worker = SegmentationWorker("w0", FakeBackendFactory())
+    crashed = WorkerCrashed("ActorUnavailableError: Socket closed")
+    transport = CountingTransport(worker, failures=crashes, error=crashed)
+    client = SegmentationClient([transport], retry_timeout_s=30)
+    image = random_image(7)
+    if crashes < client_module.MAX_CRASHES:  # a worker that crashed twice and came back
+        assert client.segment_prompts(image, ["p0", "p1"])[1].mask.shape == (64, 64)
+        return
+    with pytest.raises(SegmentationRequestError) as failed:
+        client.segment_prompts(image, ["p0", "p1"])
+    assert str(failed.value).startswith(
+        f"image {image_digest(image)[:12]} (64x64), prompts ['p0', 'p1']: segmentation worker "
+        "'w0' died 3 times while serving it (last: ActorUnavailableError: Socket closed)"
+    )
+    assert transport.attempts == client_module.MAX_CRASHES == 3
+
+
+def test_a_call_without_an_answer_fails_instead_of_hanging() -> None:
+    worker = SegmentationWorker("w0", FakeBackendFactory())
+    timed_out = WorkerTimedOut("no answer within 900 s")
+    transport = CountingTransport(worker, failures=1, error=timed_out)
+    with pytest.raises(SegmentationRequestError, match=r"\['p0'\] on segmentation worker 'w0'"):
+        SegmentationClient([transport]).segment(random_image(8), "p0")
+    assert transport.attempts == 1  # never sent twice to a worker that may hang
+
+
+def test_a_cuda_fault_outside_ray_is_raised_to_the_caller() -> None:
+    import torch
+
+    worker = SegmentationWorker("w0", FakeBackendFactory(cuda_fault_prompt="bad"))
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        worker.segment(random_image(9), "bad")
+    assert worker.segment(random_image(9), "p0").mask.shape == (64, 64)
 
 
 def test_in_process_workers_are_shared_by_copies_and_never_pickled() -> None:

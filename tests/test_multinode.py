@@ -1,10 +1,12 @@
 """The smoke run on a two-node Ray cluster with fake GPUs, joined through ``--address``.
 
-Two nodes with two declared 24 GB GPUs each (``--inventory 24:0,24:0;24:0,24:0``), each node started
+Two nodes with two declared 24 GB GPUs each (``--inventory 24:0,24:0;24:0,24:14``: the last one much
+busier, so the plan allows it only a 512 px input cap where the others get 1024), each node started
 with its share of the GPU plan (``NodePlan.ray_node_args()``: ``num_gpus=2``, two worker slots,
 ``gpu_mem_mb``, ``CUDA_VISIBLE_DEVICES``) and one CPU, the way ``ray start`` does it on a real
 cluster. The run uses the Sa2VA backend on the tiny remote-code model folder (device cpu), so the
-plan asks for four segmentation workers, one per GPU, and Ray has to spread them over both nodes.
+plan asks for four segmentation workers, one per GPU, and Ray has to spread them over both nodes;
+all four work at the smallest planned cap, so the run never refuses its uneven pool.
 Ray hands out its GPU ids without touching hardware, which is all the placement relies on. Both
 nodes share this machine's filesystem, the stand-in for the shared storage a real cluster needs;
 the run's shared-storage check passes on it, and refuses a folder the nodes do not see.
@@ -39,7 +41,7 @@ from orchestrator.run_dir import RunPaths
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-INVENTORY = "24:0,24:0;24:0,24:0"
+INVENTORY = "24:0,24:0;24:0,24:14"
 TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided"}
 
 
@@ -53,6 +55,7 @@ def free_port() -> int:
 def plan() -> gb.GpuPlan:
     plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
     assert [len(node.worker_gpus) for node in plan.nodes] == [2, 2]
+    assert [slot.input_cap for slot in plan.workers] == [1024, 1024, 1024, 512]
     return plan
 
 
@@ -125,6 +128,7 @@ def test_smoke_run_completes_on_the_cluster(sa2va_run: tuple[Path, int]) -> None
     assert code == 0, (root.parent / "driver.log").read_text()[-3000:]
     summary = json.loads((root / "summary.json").read_text())
     assert summary["backend"] == "sa2va"
+    assert summary["backend_id"].endswith(":cap-512")  # the smallest planned, for every worker
     assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
     assert summary["inference"]["workers"] == 4
     assert summary["inference"]["forward_passes"] > 0
@@ -139,7 +143,8 @@ def test_one_segmentation_worker_per_gpu_across_nodes(
     saved_plan = json.loads((root / "gpu_plan.json").read_text())
     assert saved_plan["workers"] == 4
     actors = worker_actors(dashboard)
-    assert sorted(a.name for a in actors) == [f"segmentation-worker-{i}" for i in range(4)]
+    run_id = (root / "run_id").read_text().strip()
+    assert sorted(a.name for a in actors) == [f"{run_id}:segmentation-worker-{i}" for i in range(4)]
     # Two workers on each node, and each node has exactly two Ray GPUs: one worker per GPU.
     assert Counter(a.node_id for a in actors) == {node0: 2, node1: 2}
     for actor in actors:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import SmokeRun, smoke_args
 from ray import tune
 from tensorboardX.proto import event_pb2
@@ -175,13 +176,37 @@ def test_killed_driver_resumes(tmp_path: Path) -> None:
     assert not (root / "summary.json").exists()
     forward_before = sum(1 for _ in cache.rglob("*.npz"))
 
-    code = main(["run", "--output", str(root), "--resume", "--num-cpus", "2", "--no-dashboard"])
+    # Fewer CPUs now: one CPU worker instead of two. The restored trials find the resume's
+    # workers by the run id (their configs name no worker).
+    code = main(["run", "--output", str(root), "--resume", "--num-cpus", "1", "--no-dashboard"])
     assert code == 0
     summary = json.loads((root / "summary.json").read_text())
     assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
+    assert summary["inference"]["workers"] == 1
     # The warm-up finished before the kill: every pair is served from the disk cache.
     assert summary["inference"]["forward_passes"] == 0
     assert sum(1 for _ in cache.rglob("*.npz")) == forward_before
+
+
+def test_resume_refuses_flags_that_contradict_the_run(tmp_path: Path, capsys) -> None:
+    from orchestrator.config import CONFIG_DIR, config_to_dict, load_config
+    from orchestrator.pipeline import RunOptions, resolve_config
+
+    root = tmp_path / "run"
+    saved = load_config(CONFIG_DIR / "smoke.yaml", {"workers": {"cache_dir": str(tmp_path / "c")}})
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(config_to_dict(saved), sort_keys=False))
+    resume = ["--output", str(root), "--resume", "--no-dashboard"]
+    assert main(["train", "--experiment", "prompt", *resume, "--data", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the flags given contradict the config this run started with" in err
+    assert f"data.path: this run has None, asked '{tmp_path / 'd'}'" in err
+    assert "experiments: this run has ['prompt', 'postprocess', 'reward'], asked ['prompt']" in err
+    assert main(["run", *resume, "--config", str(CONFIG_DIR / "quick.yaml")]) == 2
+    assert "mode: this run has 'smoke', asked 'quick'" in capsys.readouterr().err
+    # Where it runs may change, and one folder spelled another way is the same folder.
+    same = RunOptions(output=str(root), resume=True, num_cpus=1, cache_dir=f"{tmp_path}/x/../c")
+    assert resolve_config(same, RunPaths(root)) == saved
 
 
 @pytest.mark.slow

@@ -69,6 +69,10 @@ def test_registry_names_every_trial_once_in_launch_order() -> None:
         "supervised_finetune",
     ]
     assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided", "reward_finetune"]
+    assert {t.name: t.after for t in TRIALS if t.after} == {
+        "reward_guided": "reward_net",
+        "reward_finetune": "reward_net",
+    }
     assert {t.experiment for t in TRIALS} == set(EXPERIMENTS)  # the schema's names
     config = load_config(CONFIG_DIR / "smoke.yaml")
     assert trials_for(config) == list(TRIALS)
@@ -81,7 +85,7 @@ def test_trial_spec_survives_tunes_param_space() -> None:
         trial=trial("reward_guided"),
         run=load_config(CONFIG_DIR / "smoke.yaml"),
         root="/runs/x",
-        workers=("segmentation-worker-0",),
+        run_id="run-20261204-101500-abcdef",
         backend_id="frangi-v1",
         data=DataRef("/data", "/runs/x/split_manifest.json", "abc", skip_bad=True),
         gpu_mem_mb=0,

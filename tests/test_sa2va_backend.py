@@ -12,6 +12,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -325,6 +326,13 @@ def test_hub_id_loads_remote_code_at_the_revision(
         calls.append({"name": name, **kwargs})
         raise OSError("no connection to huggingface.co")
 
+    def cached(name: str, **kwargs: Any) -> Any:
+        calls.append({"name": name, **kwargs})
+        return SimpleNamespace(auto_map={})
+
+    # Config and tokenizer (loaded first, under the remote-code lock) come from the cache here.
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", cached)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", cached)
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline)
     with pytest.raises(
         UserError, match="could not load Sa2VA from the Hub id 'ByteDance/Sa2VA-4B'"
@@ -335,10 +343,10 @@ def test_hub_id_loads_remote_code_at_the_revision(
             device="cpu",
             allow_unpinned_remote_code=allow_unpinned,
         )
-    (call,) = calls
-    assert call["name"] == "ByteDance/Sa2VA-4B" and call.get("revision") == revision
-    assert call["trust_remote_code"] is True and call["local_files_only"] is False
-    assert call["dtype"] == torch.float32
+    for call in calls:
+        assert call["name"] == "ByteDance/Sa2VA-4B" and call.get("revision") == revision
+        assert call["trust_remote_code"] is True and call["local_files_only"] is False
+    assert [call.get("dtype") for call in calls] == [None, None, torch.float32]
 
 
 @pytest.mark.parametrize(

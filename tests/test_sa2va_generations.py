@@ -5,6 +5,7 @@ packages, devices, dtypes, and the Qwen processor. Uses the tiny v2, Qwen and v1
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def test_v1_really_fails_on_this_transformers_and_the_key_error_is_translated(
     source = ModelSource.resolve(folders["v1"], None, False)
     checkpoint = gen.inspect_folder(folders["v1"])
     with pytest.raises(UserError) as error:
-        loading.load_model(source, checkpoint, torch.float32)
+        loading.load_model(source, checkpoint, torch.float32, torch.device("cpu"))
     message = str(error.value)
     assert "Loading failed with KeyError: 'architectures'." in message
     assert "Sa2VA v1 remote code" in message and "needs transformers >=4.49,<4.52" in message
@@ -148,7 +149,7 @@ def test_import_error_from_transformers_is_a_version_mismatch(tmp_path: Path) ->
     )
     source = ModelSource.resolve(folder, None, False)
     with pytest.raises(UserError) as error:
-        loading.load_model(source, gen.inspect_folder(folder), torch.float32)
+        loading.load_model(source, gen.inspect_folder(folder), torch.float32, torch.device("cpu"))
     message = str(error.value)
     assert "Loading failed with ModuleNotFoundError: No module named " in message
     assert "needs transformers >=4.57,<5" in message and "Sa2VA v2 InternVL-based" in message
@@ -164,7 +165,9 @@ def test_attribute_error_while_loading_is_a_version_mismatch(
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", as_in_5x)
     source = ModelSource.resolve(folders["v2"], None, False)
     with pytest.raises(UserError, match=r"needs transformers >=4\.57,<5") as error:
-        loading.load_model(source, gen.inspect_folder(folders["v2"]), torch.float32)
+        loading.load_model(
+            source, gen.inspect_folder(folders["v2"]), torch.float32, torch.device("cpu")
+        )
     assert "AttributeError: 'Sa2VAChatModel' object has no attribute 'all_tied" in str(error.value)
 
 
@@ -198,7 +201,7 @@ def test_missing_package_reported_by_transformers_at_load_names_it(tmp_path: Pat
     folder = write_tiny_sa2va(tmp_path / "tiny_sa2va_late", extra_code="import sa2va_rl_absent")
     source = ModelSource.resolve(folder, None, False)
     with pytest.raises(UserError, match=r"needs the Python package\(s\) sa2va_rl_absent, which"):
-        loading.load_model(source, None, torch.float32)
+        loading.load_model(source, None, torch.float32, torch.device("cpu"))
 
 
 def test_guarded_imports_are_optional(tmp_path: Path) -> None:
@@ -391,13 +394,23 @@ def test_run_refuses_a_v1_checkpoint_before_ray(folders: dict[str, Path], tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_run_refuses_auto_without_cuda_unless_joining_a_cluster(
-    folders: dict[str, Path], tmp_path: Path
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = run_config(folders["v2"], tmp_path)
     assert config.backend.device == "auto"
     with pytest.raises(UserError, match="Sa2VA needs a CUDA GPU, and device 'auto' found none"):
         pipeline.check_model_source(config)
     # The driver of a cluster run may sit on a node without GPUs: the workers check the device.
+    # Their CUDA loads go straight to the GPU (device_map), which needs accelerate.
+    if importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(UserError, match=r"needs the Python package\(s\) accelerate"):
+            pipeline.check_model_source(config, local=False)
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util,
+            "find_spec",
+            lambda name, *a: find_spec("os" if name == "accelerate" else name, *a),
+        )
     pipeline.check_model_source(config, local=False)
     pipeline.check_model_source(run_config(folders["v2"], tmp_path, device="cpu"))
 

@@ -2,8 +2,10 @@
 
 Pins the issue's failure behaviours with the deterministic fake backend: forward passes equal
 distinct pairs across concurrent clients in other actors, a worker killed mid-stream answers
-every request identically after its restart, OOM is retried at a lower cap or fails clearly, and
-a new pool on the same cache directory runs no forward pass.
+every request identically after its restart, OOM is retried at a lower cap or fails clearly, a
+new pool on the same cache directory runs no forward pass, a request that crashes its worker
+fails after a bounded number of restarts naming the image and prompt, two runs on one cluster
+keep their own workers and counters, and a pool has one input cap.
 """
 
 from __future__ import annotations
@@ -23,14 +25,22 @@ import ray
 from fakes import FakeBackendFactory, RequestReplayer, fake_answer, random_image, read_events
 
 from models.errors import UserError
-from models.segmentation import Segmentation
+from models.segmentation import Segmentation, image_digest
 from orchestrator.inference.client import (
     NAMESPACE,
     SegmentationClient,
+    SegmentationRequestError,
     SegmentationWorkerUnavailableError,
 )
-from orchestrator.inference.pool import shutdown_workers, start_workers
+from orchestrator.inference.pool import (
+    WorkerPlacement,
+    run_prefix,
+    run_workers,
+    shutdown_workers,
+    start_workers,
+)
 from orchestrator.inference.worker import SegmentationOutOfMemoryError
+from orchestrator.run_id import new_run_id
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -213,3 +223,76 @@ def test_client_memo_pickling_and_errors(start_pool: StartPool) -> None:
         client.segment(random_image(6), "p0")
     with pytest.raises(ValueError, match="uint8"):
         client.segment(np.zeros((4, 4)), "p0")
+
+
+def test_a_request_that_crashes_its_worker_fails_clearly_and_the_worker_serves_on(
+    tmp_path: Path, start_pool: StartPool
+) -> None:
+    """A CUDA error other than OOM ends the worker's process (Ray restarts it clean); the
+    request that causes it every time fails after MAX_CRASHES restarts, naming image and
+    prompt, instead of being retried forever."""
+    events = str(tmp_path / "events.jsonl")
+    names = start_pool(1, FakeBackendFactory(events_path=events, cuda_fault_prompt="poison"))
+    client = SegmentationClient(names)
+    image = random_image(11)
+    with pytest.raises(SegmentationRequestError) as failed:
+        client.segment(image, "poison")
+    assert str(failed.value).startswith(
+        f"image {image_digest(image)[:12]} (64x64), prompts ['poison']: segmentation worker "
+        f"{names[0]!r} died 3 times while serving it"
+    )
+    _assert_identical(client.segment(image, "p0"), _expected(11, "p0"))
+    assert client.stats()["total"]["restarts"] == 3
+    assert len(read_events(events, "load")) == 4  # a fresh process (and CUDA context) each time
+
+
+def test_two_runs_on_one_cluster_keep_their_own_workers(tmp_path: Path) -> None:
+    """Each run's workers are named under its id: the runs share the disk cache, never a
+    worker or a counter, and the shorter run's end leaves the longer one serving."""
+    events = str(tmp_path / "events.jsonl")
+    factory = FakeBackendFactory(events_path=events)
+    short, long = new_run_id(), new_run_id()
+    pools = {
+        run: start_workers(n, factory, tmp_path / "cache", name_prefix=run_prefix(run))
+        for run, n in ((short, 2), (long, 1))
+    }
+    try:
+        assert run_workers(short) == [f"{short}:segmentation-worker-{i}" for i in range(2)]
+        assert run_workers(long) == [f"{long}:segmentation-worker-0"]
+        first, second = SegmentationClient.for_run(short), SegmentationClient.for_run(long)
+        for seed in range(4):
+            first.segment(random_image(seed), "p0")
+        second.segment(random_image(9), "p0")
+        second.segment(random_image(0), "p0")  # computed by the other run: from the disk
+        assert first.stats()["total"]["forward_passes"] == 4
+        total = second.stats()["total"]
+        assert (total["forward_passes"], total["disk_hits"]) == (1, 1)
+        shutdown_workers(pools.pop(short))  # the shorter run ends
+        _assert_identical(second.segment(random_image(10), "p1"), _expected(10, "p1"))
+        with pytest.raises(SegmentationWorkerUnavailableError, match=f"run {short} has no"):
+            run_workers(short)
+    finally:
+        for names in pools.values():
+            shutdown_workers(names)
+
+
+def test_a_run_restarted_with_fewer_workers_finds_its_pool_by_its_id(tmp_path: Path) -> None:
+    run = new_run_id()
+    cache = tmp_path / "cache"
+    names = start_workers(2, FakeBackendFactory(), cache, name_prefix=run_prefix(run))
+    assert len(SegmentationClient.for_run(run).transports) == 2
+    shutdown_workers(names)  # the first attempt ends
+    names = start_workers(1, FakeBackendFactory(), cache, name_prefix=run_prefix(run))
+    try:
+        client = SegmentationClient.for_run(run)
+        assert client.worker_names == [f"{run}:segmentation-worker-0"]
+        _assert_identical(client.segment(random_image(3), "p0"), _expected(3, "p0"))
+    finally:
+        shutdown_workers(names)
+
+
+def test_workers_planned_with_different_caps_share_the_smallest(start_pool: StartPool) -> None:
+    placements = [WorkerPlacement(input_cap=1024), WorkerPlacement(input_cap=512)]
+    client = SegmentationClient(start_pool(2, FakeBackendFactory(), placements=placements))
+    assert client.backend_id == "fake-v1:cap-512"  # both workers: no refusal
+    assert [w["backend_id"] for w in client.stats()["workers"]] == ["fake-v1:cap-512"] * 2

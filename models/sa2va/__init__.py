@@ -20,8 +20,13 @@ What a caller needs to know:
 - **Device** (``devices``). CUDA only: ``auto`` never falls back to the CPU; ``cuda:N`` is made
   the current device for loading and every call; an explicit ``cpu`` is for debugging with code
   that does not hard-code CUDA; bfloat16/float16 only on CUDA.
-- **One image per call.** Sa2VA has no batch inference and ``predict_forward`` mutates model
-  state, so calls on one instance are serialised on a lock; run one instance per GPU.
+- **One image per call, many prompts.** Sa2VA has no batch inference and ``predict_forward``
+  mutates model state, so calls on one instance are serialised on a lock; run one instance per
+  GPU. ``segment_prompts(image, prompts)`` runs one ``predict_forward`` per prompt but the
+  vision encoder and SAM2's image encoder once per image (``image_work``), with answers equal
+  to the per-prompt path; everything runs under ``torch.inference_mode()``.
+- **Bounded answers** (``answer_limit``). At most ``max_new_tokens`` (default 64) answer tokens
+  per prompt; a longer answer is cut and its result flagged ``"answer_truncated"``.
 - **Prompt.** A full instruction such as ``"Please segment the blood vessel."``; the model sees
   ``"<image>Please segment the blood vessel."``. ``PROMPT_TEMPLATE_VERSION`` is in ``backend_id``.
 - **Qwen processor.** Passed only where ``predict_forward`` takes ``processor``; for Qwen
@@ -36,11 +41,13 @@ What a caller needs to know:
 - **Input cap.** ``input_cap`` downscales an image whose longer side exceeds it before the call;
   outputs come back at the original size. The Ray worker lowers it after CUDA OOM.
 - **backend_id** names the source (folder path + digest, or Hub id + commit), dtype, device
-  type, prompt template version, post-processing version and input cap.
+  type, prompt template version, post-processing version, ``max_new_tokens`` and input cap.
 """
 
+from models.sa2va.answer_limit import DEFAULT_MAX_NEW_TOKENS, FLAG_ANSWER_TRUNCATED
 from models.sa2va.capture import FLAG_MULTIPLE_SEG_TOKENS, FLAG_NO_SEG_TOKEN, FLAG_PROB_UNAVAILABLE
 from models.sa2va.generations import V1, V2_INTERNVL, V2_QWEN, Checkpoint, Generation
+from models.sa2va.image_work import ImageWork
 from models.sa2va.loading import preflight
 from models.sa2va.segmenter import (
     POSTPROCESS_VERSION,
@@ -52,6 +59,8 @@ from models.sa2va.segmenter import (
 from models.sa2va.source import ModelSource, folder_digest
 
 __all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "FLAG_ANSWER_TRUNCATED",
     "FLAG_MULTIPLE_SEG_TOKENS",
     "FLAG_NO_SEG_TOKEN",
     "FLAG_PROB_UNAVAILABLE",
@@ -63,6 +72,7 @@ __all__ = [
     "V2_QWEN",
     "Checkpoint",
     "Generation",
+    "ImageWork",
     "ModelSource",
     "Sa2VASegmenter",
     "folder_digest",

@@ -45,7 +45,7 @@ EXTRA_PACKAGES = {
     "torchvision": "torchvision",
 }
 # Before 4.57, `from_pretrained(low_cpu_mem_usage=True)` needs accelerate, which no remote file
-# imports; 4.57 ignores the flag.
+# imports; 4.57 ignores the flag. On CUDA the weights load with `device_map`, which needs it too.
 ACCELERATE_NEEDED_BEFORE = Version("4.57")
 _CUDA_RE = re.compile(r"\.cuda\(|torch\.device\(\s*['\"]cuda['\"]\s*\)")
 _CHECK_IMPORTS_RE = re.compile(r"not found in your environment: ([^.]+)\.")
@@ -224,7 +224,7 @@ def check_environment(checkpoint: Checkpoint, device_type: str) -> None:
     if not checkpoint.generation.accepts(version):
         raise version_mismatch(checkpoint.folder, checkpoint, version)
     needed = set(checkpoint.imports)
-    if Version(version) < ACCELERATE_NEEDED_BEFORE:
+    if Version(version) < ACCELERATE_NEEDED_BEFORE or device_type == "cuda":
         needed.add("accelerate")
     missing = [name for name in sorted(needed) if importlib.util.find_spec(name) is None]
     if missing:

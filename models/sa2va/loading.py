@@ -13,6 +13,7 @@ import torch
 
 from models.errors import UserError
 from models.sa2va import generations as gen
+from models.sa2va import remote_code
 from models.sa2va.devices import resolve_device
 from models.sa2va.source import DOWNLOAD_HINT, ModelSource
 
@@ -55,20 +56,30 @@ def check_source(source: ModelSource, device_type: str) -> gen.Checkpoint | None
 
 
 def load_model(
-    source: ModelSource, checkpoint: gen.Checkpoint | None, dtype: torch.dtype
+    source: ModelSource, checkpoint: gen.Checkpoint | None, dtype: torch.dtype, device: torch.device
 ) -> tuple[Any, Any]:
-    """``AutoModel``/``AutoTokenizer.from_pretrained`` (on the CPU; the caller moves the model),
-    with import/attribute/key errors from a transformers mismatch turned into a UserError."""
-    from transformers import AutoModel, AutoTokenizer
+    """``AutoModel``/``AutoTokenizer.from_pretrained``, with import/attribute/key errors from a
+    transformers mismatch turned into a UserError.
 
+    The remote code comes from the checkpoint's own module directory and is copied and imported
+    under an inter-process lock (:mod:`models.sa2va.remote_code`); the weights load after it, in
+    parallel with other workers. On CUDA they load straight onto ``device``
+    (``device_map={"": device}``, which needs accelerate: the preflight requires it there), so
+    workers sharing a host never hold a CPU copy of the model; on the CPU they load where they
+    are used."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    location, kwargs = remote_code.code_location(source), source.load_kwargs()
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     try:
+        with remote_code.code_lock(location):
+            config = AutoConfig.from_pretrained(location, **kwargs)
+            _import_model_class(config, location, kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, use_fast=False, **kwargs)
         model = AutoModel.from_pretrained(
-            source.location, low_cpu_mem_usage=True, **{_dtype_kwarg(): dtype},
-            **source.load_kwargs(),
+            location, config=config, low_cpu_mem_usage=True, **{_dtype_kwarg(): dtype},
+            **placement, **kwargs,
         )  # fmt: skip
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.location, use_fast=False, **source.load_kwargs()
-        )
     except ImportError as exc:
         missing = gen.missing_from_error(exc)
         if missing:
@@ -81,6 +92,15 @@ def load_model(
             f"could not load Sa2VA from the {source.describe()}: {exc}. {DOWNLOAD_HINT}"
         ) from exc
     return model, tokenizer
+
+
+def _import_model_class(config: Any, location: str, kwargs: dict[str, Any]) -> None:
+    """Copy and import the model's code (what ``AutoModel`` would, here under the lock)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    reference = (getattr(config, "auto_map", None) or {}).get("AutoModel")
+    if reference:
+        get_class_from_dynamic_module(reference, location, **kwargs)
 
 
 def _mismatch(source: ModelSource, checkpoint: gen.Checkpoint | None, exc: Exception) -> UserError:
@@ -119,8 +139,10 @@ def load_processor(source: ModelSource, given: Any | None) -> Any:
     if given is None:
         from transformers import AutoProcessor
 
+        location = remote_code.code_location(source)
         try:
-            given = AutoProcessor.from_pretrained(source.location, **source.load_kwargs())
+            with remote_code.code_lock(location):
+                given = AutoProcessor.from_pretrained(location, **source.load_kwargs())
         except ImportError as exc:
             missing = gen.missing_from_error(exc) or [exc.name or str(exc)]
             raise gen.missing_packages(source.location, missing) from exc

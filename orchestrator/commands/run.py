@@ -29,7 +29,7 @@ the cluster's token (file named by RAY_AUTH_TOKEN_PATH, default ~/.ray/auth_toke
 paths every node sees (shared storage). Cluster guide, docker-compose and security notes:
 docs/cluster.md.
 
-Watch it: the Ray dashboard (http://127.0.0.1:8265: Jobs, Actors "segmentation-worker-*",
+Watch it: the Ray dashboard (http://127.0.0.1:8265: Jobs, Actors "<run id>:segmentation-worker-*",
 Cluster for GPU memory), TensorBoard (`tensorboard --logdir RUN_DIR/tune`).
 Exit codes: 0 all trials finished, 1 a trial failed (see report.md), 2 bad input.
 """
@@ -112,7 +112,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --output: finished trials and cached inference are reused",
+        help="continue the run in --output with its saved config: finished trials and cached "
+        "inference are reused; a flag or --config that changes a setting of the run is "
+        "refused (--num-cpus, --address and --no-dashboard may differ, so a resume may have "
+        "more or fewer workers)",
     )
     parser.add_argument(
         "--inventory",

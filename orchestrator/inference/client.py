@@ -15,9 +15,12 @@ memory cache is warm for it), keeps a small local memo (repeat steps on the same
 round trip), and asks for all missing prompts of one image in one ``serve`` call: the worker
 answers from its cache by digest and computes only what is missing. It reaches workers through a
 :class:`~orchestrator.inference.transport.WorkerTransport` (Ray actors or in-process objects)
-and retries transparently while a worker restarts (Ray restarts crashed workers and re-runs
-their pending requests; the client backs off and gives up with a clear error after
-``retry_timeout_s``).
+and retries while a worker restarts (Ray restarts a crashed worker; the client backs off and
+sends the request again). Every failure is bounded: a worker that stays unreachable fails the
+request after ``retry_timeout_s`` (:class:`SegmentationWorkerUnavailableError`); a request
+during which its worker died :data:`MAX_CRASHES` times, or that had no answer within
+``call_timeout_s``, fails with :class:`SegmentationRequestError` naming the image (digest and
+size) and prompts, instead of killing its worker forever or hanging.
 """
 
 from __future__ import annotations
@@ -35,10 +38,14 @@ from models.errors import UserError
 from models.segmentation import Segmentation, image_digest
 from orchestrator.inference.stats import aggregate_stats
 from orchestrator.inference.transport import (
+    CALL_TIMEOUT_S,
     NAMESPACE,
     InProcessTransport,
     RayTransport,
+    SegmentationRequestError,
     SegmentationWorkerUnavailableError,
+    WorkerCrashed,
+    WorkerTimedOut,
     WorkerTransport,
     WorkerUnavailable,
 )
@@ -46,9 +53,16 @@ from orchestrator.inference.worker import SegmentationWorker, check_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NAMESPACE", "SegmentationClient", "SegmentationWorkerUnavailableError"]
+__all__ = [
+    "NAMESPACE",
+    "SegmentationClient",
+    "SegmentationRequestError",
+    "SegmentationWorkerUnavailableError",
+]
 
 T = TypeVar("T")
+MAX_CRASHES = 3
+"""Deaths of its worker one request may see before it fails (the request likely kills it)."""
 
 
 class SegmentationClient:
@@ -66,6 +80,8 @@ class SegmentationClient:
         memo_entries: size of the local LRU of recent answers (0 disables it).
         retry_timeout_s: how long one request may wait for a restarting worker before failing
             with :class:`SegmentationWorkerUnavailableError` (a Sa2VA reload takes minutes).
+        call_timeout_s: how long one Ray call may wait for its answer before the request
+            fails with :class:`SegmentationRequestError`.
     """
 
     def __init__(
@@ -75,16 +91,26 @@ class SegmentationClient:
         namespace: str = NAMESPACE,
         memo_entries: int = 64,
         retry_timeout_s: float = 600.0,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         if not workers:
             raise UserError("SegmentationClient needs at least one worker name (start_workers)")
         self.transports: list[WorkerTransport] = [
-            RayTransport(w, namespace) if isinstance(w, str) else w for w in workers
+            RayTransport(w, namespace, call_timeout_s) if isinstance(w, str) else w for w in workers
         ]
         self.namespace = namespace
         self.memo_entries = memo_entries
         self.retry_timeout_s = retry_timeout_s
         self._init_local_state()
+
+    @classmethod
+    def for_run(cls, run_id: str, **options: Any) -> SegmentationClient:
+        """A client over the workers run ``run_id`` has now (found by name, however many the
+        current attempt started; see :func:`orchestrator.inference.pool.run_workers`)."""
+        from orchestrator.inference.pool import run_workers
+
+        namespace = options.get("namespace", NAMESPACE)
+        return cls(run_workers(run_id, namespace), **options)
 
     @classmethod
     def in_process(
@@ -147,7 +173,8 @@ class SegmentationClient:
         missing = list(dict.fromkeys(p for p in prompts if p not in results))
         if missing:
             worker = self.route(digest)
-            answers = self._call(worker, lambda t: t.serve(digest, image, missing))
+            what = _describe_request(digest, image, missing)
+            answers = self._call(worker, lambda t: t.serve(digest, image, missing), what)
             for prompt, seg in zip(missing, answers, strict=True):
                 results[prompt] = seg
                 self._memo_put((digest, prompt), seg)
@@ -187,7 +214,8 @@ class SegmentationClient:
         """``prompts`` of ``image`` (whose ``image_digest`` is ``digest``) from worker ``index``,
         whichever worker routing would pick, with the client's retries and no memo (the cache
         warm-up spreads work this way; the answers are the same from any worker of the pool)."""
-        return self._call(index, lambda t: t.serve(digest, image, list(prompts)))
+        what = _describe_request(digest, image, prompts)
+        return self._call(index, lambda t: t.serve(digest, image, list(prompts)), what)
 
     def _memo_get(self, key: tuple[str, str]) -> Segmentation | None:
         with self._lock:
@@ -207,17 +235,33 @@ class SegmentationClient:
             while len(self._memo) > self.memo_entries:
                 self._memo.popitem(last=False)
 
-    def _call(self, index: int, request: Callable[[WorkerTransport], T]) -> T:
-        """``request`` on worker ``index``; retry with back-off while it is unavailable."""
+    def _call(
+        self, index: int, request: Callable[[WorkerTransport], T], what: str = "a request"
+    ) -> T:
+        """``request`` (described by ``what``) on worker ``index``; retry with back-off while
+        the worker is unavailable, at most :data:`MAX_CRASHES` deaths of it and until
+        ``retry_timeout_s``."""
         transport = self.transports[index]
         deadline = time.monotonic() + self.retry_timeout_s
         delay = 0.05
-        attempts = 0
+        attempts = crashes = 0
         while True:
             attempts += 1
             try:
                 return request(transport)
+            except WorkerTimedOut as err:
+                raise SegmentationRequestError(
+                    f"{what} on segmentation worker {transport.name!r}: {err}. The worker may "
+                    "hang (see its log: `ray list actors`, the dashboard)."
+                ) from None
             except WorkerUnavailable as err:
+                crashes += isinstance(err, WorkerCrashed)
+                if crashes >= MAX_CRASHES:
+                    raise SegmentationRequestError(
+                        f"{what}: segmentation worker {transport.name!r} died {crashes} times "
+                        f"while serving it (last: {err}). This request crashes the worker; see "
+                        "the worker's log, and leave the image out of the data if it is broken."
+                    ) from err
                 if time.monotonic() + delay > deadline:
                     raise self._unavailable(index, attempts, err) from err
                 log.warning("%s unavailable (%s); retrying", transport.name, err)
@@ -236,3 +280,10 @@ class SegmentationClient:
             f"({attempts} attempts; last error: {err}). Check its log (`ray list actors`, "
             "dashboard), or raise retry_timeout_s if its model loads slowly."
         )
+
+
+def _describe_request(digest: str, image: np.ndarray, prompts: Sequence[str]) -> str:
+    """``image 0123456789ab (512x512), prompts ['...']`` for error messages (the digest's
+    start: ``image_digest`` of the file's pixels)."""
+    size = f"{image.shape[1]}x{image.shape[0]}"
+    return f"image {digest[:12]} ({size}), prompts {list(prompts)}"

@@ -1,7 +1,21 @@
-"""Starting and stopping the segmentation worker pool (``start_workers``/``shutdown_workers``).
+"""Starting, finding and stopping the segmentation worker pool (``start_workers``,
+``run_workers``, ``shutdown_workers``).
 
-The workers are named Ray actors (``segmentation-worker-<i>``); :class:`SegmentationClient`
-finds them by name in whichever process uses it.
+The workers are named Ray actors (``<prefix>-<i>``); :class:`SegmentationClient` finds them by
+name in whichever process uses it. A run names its workers under its id (``run_prefix``:
+``<run_id>:segmentation-worker-<i>``), so two runs on one cluster never share, report or stop
+each other's workers, and its trials find the pool by the run id (``run_workers``), however
+many workers the current attempt started.
+
+Failures are bounded: a worker restarts at most :data:`MAX_RESTARTS` times over its life (then
+it stays dead and every request to it fails with a clear error), and Ray never re-runs a
+request on its own (``max_task_retries=0``): the client retries, and can count how often one
+request crashed its worker.
+
+Every worker of a pool works at one input cap, the smallest the plan chose for any of its GPUs
+(:func:`pool_input_cap`): the backend id, and so the cache key, holds the cap, and with one cap
+per pool an (image, prompt) pair has one answer whichever worker serves it, so results do not
+depend on the routing or on how many workers an attempt started.
 """
 
 from __future__ import annotations
@@ -16,7 +30,7 @@ from ray.exceptions import GetTimeoutError
 
 from models.errors import UserError
 from orchestrator.inference.cache import DEFAULT_MEMORY_BYTES
-from orchestrator.inference.transport import NAMESPACE
+from orchestrator.inference.transport import NAMESPACE, SegmentationWorkerUnavailableError
 from orchestrator.inference.worker import (
     DEFAULT_MIN_INPUT_CAP,
     BackendFactory,
@@ -25,6 +39,8 @@ from orchestrator.inference.worker import (
 )
 
 WORKER_NAME_PREFIX = "segmentation-worker"
+MAX_RESTARTS = 10
+"""Restarts of one worker over its life (crashes, a node lost): then it stays dead."""
 DEFAULT_MAX_CONCURRENCY = 8
 """Requests inside one worker at once: cache hits are served while another request holds the
 model; the model itself still runs one request at a time."""
@@ -52,7 +68,8 @@ class WorkerPlacement:
             holding a CPU would leave a single one for all trials; the price is that the
             worker's forward passes compete with the trials for the real cores (with a GPU
             backend the worker mostly waits on the GPU, so little is lost).
-        input_cap: the backend's initial longest-side cap in pixels, or ``None``.
+        input_cap: the longest-side cap in pixels this GPU allows, or ``None`` (the pool's
+            workers all use the smallest of their placements', :func:`pool_input_cap`).
         resources: extra Ray resources to request (e.g. ``{"gpu_mem_mb": 15000}``).
         options: further ``Actor.options`` (e.g. ``scheduling_strategy``).
     """
@@ -67,6 +84,36 @@ class WorkerPlacement:
 def worker_names(n: int, prefix: str = WORKER_NAME_PREFIX) -> list[str]:
     """The names of a pool of ``n`` workers: ``<prefix>-0`` ... ``<prefix>-<n-1>``."""
     return [f"{prefix}-{i}" for i in range(n)]
+
+
+def run_prefix(run_id: str) -> str:
+    """The name prefix of run ``run_id``'s workers."""
+    from orchestrator.run_id import scoped
+
+    return scoped(run_id, WORKER_NAME_PREFIX)
+
+
+def run_workers(run_id: str, namespace: str = NAMESPACE) -> list[str]:
+    """The names of run ``run_id``'s live workers, in index order (what the current attempt
+    started); :class:`SegmentationWorkerUnavailableError` when it has none."""
+    prefix = f"{run_prefix(run_id)}-"
+    found = [
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and entry["name"].startswith(prefix)
+    ]
+    if not found:
+        raise SegmentationWorkerUnavailableError(
+            f"run {run_id} has no segmentation workers in Ray namespace {namespace!r} (their "
+            "driver ended, or they died after their restarts were used up)"
+        )
+    return sorted(found, key=lambda name: int(name[len(prefix) :]))
+
+
+def pool_input_cap(placements: Sequence[WorkerPlacement]) -> int | None:
+    """The one input cap of a pool: the smallest planned (``None`` when none is planned)."""
+    caps = [place.input_cap for place in placements if place.input_cap is not None]
+    return min(caps) if caps else None
 
 
 def start_workers(
@@ -104,9 +151,11 @@ def start_workers(
 
     Returns the worker names, for :class:`SegmentationClient` and :func:`shutdown_workers`.
     Existing workers of the same name are reused (``get_if_exists``); if they were started with
-    another backend factory this raises :class:`UserError`.
+    another backend factory this raises :class:`UserError`. Every worker gets the placements'
+    smallest input cap (:func:`pool_input_cap`).
     """
     plan = _placements(n, num_gpus_per_worker, placements)
+    cap = pool_input_cap(plan)
     cache = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
     names = worker_names(n, name_prefix)
     actor_class = ray.remote(SegmentationWorker)
@@ -117,8 +166,8 @@ def start_workers(
             namespace=namespace,
             get_if_exists=True,
             lifetime="detached" if detached else None,
-            max_restarts=-1,
-            max_task_retries=-1,
+            max_restarts=MAX_RESTARTS,
+            max_task_retries=0,
             max_concurrency=max_concurrency,
             num_cpus=place.num_cpus,
             num_gpus=place.num_gpus,
@@ -131,7 +180,7 @@ def start_workers(
                 backend_factory,
                 cache,
                 memory_cache_bytes=memory_cache_bytes,
-                input_cap=place.input_cap,
+                input_cap=cap,
                 min_input_cap=min_input_cap,
             )
         )

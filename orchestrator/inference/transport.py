@@ -10,8 +10,10 @@ A :class:`WorkerTransport` is four calls (``serve``: cached answers, computing t
 - :class:`InProcessTransport`: a :class:`~orchestrator.inference.worker.SegmentationWorker`
   object in this process (``sa2va-rl train --local``, tests): no Ray at all.
 
-A transport that cannot reach its worker raises :class:`WorkerUnavailable`; the client retries
-those with back-off (a restarting Ray actor) and passes every other error to its caller.
+A transport that cannot reach its worker raises :class:`WorkerUnavailable` (the worker is
+restarting) or :class:`WorkerCrashed` (it died while serving the call); the client retries those
+with back-off, counts the crashes of each request, and passes every other error to its caller.
+A Ray call that has no answer within ``call_timeout_s`` raises :class:`WorkerTimedOut`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,30 @@ from orchestrator.inference.worker import SegmentationWorker
 
 NAMESPACE = "sa2va_rl"
 """The Ray namespace of the worker pool."""
+CALL_TIMEOUT_S = 900.0
+"""The longest one Ray call may wait for its answer (queued behind other requests, a slow
+model): then it fails instead of hanging."""
 
 
 class WorkerUnavailable(Exception):
     """The transport could not reach its worker (it may be restarting): worth a retry."""
 
 
+class WorkerCrashed(WorkerUnavailable):
+    """The worker died while it served the call (the call itself may have killed it)."""
+
+
+class WorkerTimedOut(Exception):
+    """The worker did not answer the call within the transport's timeout."""
+
+
 class SegmentationWorkerUnavailableError(RuntimeError):
     """A worker did not answer within the client's retry budget, or does not exist."""
+
+
+class SegmentationRequestError(RuntimeError):
+    """One request failed for good: it crashed its worker again and again, or had no answer
+    within the call timeout. The message names the worker, the image and the prompts."""
 
 
 class WorkerTransport(Protocol):
@@ -116,11 +134,14 @@ class RemoteImage:
 
 
 class RayTransport:
-    """A named Ray actor, resolved lazily; pickles as its name and namespace."""
+    """A named Ray actor, resolved lazily; pickles as its name, namespace and timeout."""
 
-    def __init__(self, name: str, namespace: str = NAMESPACE) -> None:
+    def __init__(
+        self, name: str, namespace: str = NAMESPACE, call_timeout_s: float = CALL_TIMEOUT_S
+    ) -> None:
         self._name = name
         self.namespace = namespace
+        self.call_timeout_s = call_timeout_s
         self._handle: Any = None
 
     @property
@@ -128,7 +149,11 @@ class RayTransport:
         return self._name
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_name": self._name, "namespace": self.namespace}
+        return {
+            "_name": self._name,
+            "namespace": self.namespace,
+            "call_timeout_s": self.call_timeout_s,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -161,14 +186,20 @@ class RayTransport:
 
     def _call(self, method: str, *args: Any) -> Any:
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         handle = self._resolve()
         try:
-            return ray.get(getattr(handle, method).remote(*args))
+            return ray.get(getattr(handle, method).remote(*args), timeout=self.call_timeout_s)
+        except GetTimeoutError:
+            raise WorkerTimedOut(f"no answer within {self.call_timeout_s:.0f} s") from None
         except RayActorError as err:  # includes ActorDiedError and ActorUnavailableError
             self._handle = None
-            raise WorkerUnavailable(f"{type(err).__name__}: {err}") from err
+            text = f"{type(err).__name__}: {err}"
+            # Ray 2.60 says so when the call found the actor restarting (it never reached it).
+            if "The actor is restarting" in str(err):
+                raise WorkerUnavailable(text) from err
+            raise WorkerCrashed(text) from err
 
     def _resolve(self) -> Any:
         if self._handle is None:
@@ -179,8 +210,9 @@ class RayTransport:
             except ValueError:
                 raise SegmentationWorkerUnavailableError(
                     f"segmentation worker {self._name!r} does not exist in Ray namespace "
-                    f"{self.namespace!r}: start the pool with start_workers(...) first, and "
-                    "keep the driver that started non-detached workers alive (they die with it)."
+                    f"{self.namespace!r}: it was never started (start_workers), its driver "
+                    "ended (non-detached workers die with it), or it died for good after its "
+                    "restarts were used up (see its log: `ray list actors`, the dashboard)."
                 ) from None
         return self._handle
 

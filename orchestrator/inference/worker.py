@@ -12,10 +12,11 @@ The actor is threaded (``max_concurrency`` > 1) so cache hits never wait behind 
 forward pass, but the lock lets exactly one model call run at a time (Sa2VA's
 ``predict_forward`` mutates model state and cannot batch images). A request that waited for the
 lock looks again first: when two trials ask the same pair at once, the model runs once. The
-missing prompts of one request (one image) run back to back under one hold of the lock, so
-another request's image cannot come in between (a backend may share work between the prompts of
-one image), and their disk writes happen after the lock is released (the entries are held in
-memory meanwhile, so nobody recomputes them).
+missing prompts of one request (one image) go to the backend in one call under one hold of the
+lock (``models.segmentation.segment_all``: the backend's ``segment_prompts`` where it has one,
+which does the image-only work once), and their disk writes happen after the lock is released
+(the entries are held in memory meanwhile, so nobody recomputes them). Each prompt of such a call
+counts as one forward pass, with the call's latency shared equally.
 
 CUDA OOM: a ``torch.OutOfMemoryError`` frees the CUDA cache, halves the backend's input cap
 (backends expose ``set_input_cap(int)`` or an ``input_cap`` attribute; the longest image side
@@ -23,6 +24,12 @@ in pixels) down to ``min_input_cap`` and retries the same request; below the flo
 fails with :class:`SegmentationOutOfMemoryError`. Both are counted (``oom_retries``,
 ``oom_failures``). Results computed under an OOM-lowered cap carry the flag
 ``oom_input_cap=<px>``. The lowered cap stays for the rest of this incarnation.
+
+Any other CUDA error (an illegal memory access, a device-side assert) leaves the CUDA context
+unusable, so every later request would fail too: inside Ray the worker logs it, naming the
+request, and ends its process (exit code :data:`EXIT_CUDA_FAULT`); Ray restarts it with a
+fresh context, and the request's client retries (a bounded number of times). Outside Ray
+(``train --local``) the error is raised to the caller.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from models.errors import UserError
-from models.segmentation import Segmentation, Segmenter, image_digest
+from models.segmentation import Segmentation, Segmenter, image_digest, segment_all
 from orchestrator import run_dir
 from orchestrator.inference.cache import (
     DEFAULT_MEMORY_BYTES,
@@ -57,6 +64,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MIN_INPUT_CAP = 256
 """Floor of the OOM back-off, in pixels of the longest side."""
+EXIT_CUDA_FAULT = 70
+"""Exit code of a Ray worker that ended itself after a CUDA error other than OOM."""
 
 BackendFactory = Callable[[], Segmenter]
 """A picklable zero-argument callable that builds the backend inside the worker."""
@@ -109,7 +118,8 @@ class SegmentationWorker:
     """One backend, its cache and its statistics (the body of the Ray actor).
 
     Args:
-        name: the worker's name (``segmentation-worker-<i>``); tags its metrics.
+        name: the worker's name (``<run id>:segmentation-worker-<i>`` in a run); tags its
+            metrics.
         backend_factory: builds the backend, called once here (once per incarnation).
         cache_dir: the disk cache shared by all workers and runs, or ``None`` for memory only.
         memory_cache_bytes: bound of the memory LRU.
@@ -130,6 +140,7 @@ class SegmentationWorker:
         self.name = name
         self._factory_description = describe_factory(backend_factory)
         restarts, in_ray = _record_incarnation(name, cache_dir)
+        self._in_ray = in_ray
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
         self._backend = backend_factory()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
@@ -195,10 +206,11 @@ class SegmentationWorker:
         the same array), a miss re-hashes the pixels first, so a wrong digest can never store
         an answer under another image's key.
 
-        The prompts not cached are computed back to back under one hold of the model lock, so
-        a backend that shares work between the prompts of one image (Frangi's filter
-        responses) keeps it while other requests wait; their disk writes happen after the lock
-        is released, overlapping the next request's forward passes."""
+        The prompts not cached are computed in one backend call under one hold of the model
+        lock, so a backend that shares work between the prompts of one image (Frangi's filter
+        responses, Sa2VA's image encoders) does it once while other requests wait; their disk
+        writes happen after the lock is released, overlapping the next request's forward
+        passes."""
         self._stats.request_started()
         staged: list[CacheKey] = []
         try:
@@ -213,8 +225,7 @@ class SegmentationWorker:
                 if not trust_digest and image_digest(pixels) != digest:
                     raise ValueError(f"{self.name}: the image does not match its digest")
                 with self._model_lock:
-                    for prompt in missing:
-                        results[prompt] = self._compute(pixels, digest, prompt, hw, staged)
+                    results.update(self._compute(pixels, digest, missing, hw, staged))
             # A prompt asked again within the request is a memory hit, counted as one, so that
             # requests == forward passes + hits holds per prompt asked.
             seen: set[str] = set()
@@ -253,28 +264,32 @@ class SegmentationWorker:
         self,
         image: np.ndarray,
         digest: str,
-        prompt: str,
+        prompts: list[str],
         hw: tuple[int, int],
         staged: list[CacheKey],
-    ) -> Segmentation:
-        """One pair, under the model lock (the caller holds it): cached meanwhile, or a forward
-        pass whose result is staged in the cache (its key added to ``staged``: the caller
-        flushes those to disk once the lock is free)."""
-        # Another request may have computed this pair while we waited for the lock.
-        hit = self._lookup(digest, prompt, hw)
-        if hit is not None:
-            return hit.segmentation
+    ) -> dict[str, Segmentation]:
+        """The prompts' answers, under the model lock (the caller holds it): those cached
+        meanwhile, the rest from one backend call whose results are staged in the cache (their
+        keys added to ``staged``: the caller flushes those to disk once the lock is free)."""
+        # Another request may have computed some of them while we waited for the lock.
+        found = {p: self._lookup(digest, p, hw) for p in prompts}
+        results = {p: hit.segmentation for p, hit in found.items() if hit is not None}
+        todo = [p for p, hit in found.items() if hit is None]
+        if not todo:
+            return results
         try:
-            seg = self._run_model(image, prompt)
+            segs = self._run_model(image, todo)
         except Exception:
             # Raised to this request's caller (the worker keeps serving); counted here.
             self._stats.count("model_errors")
             raise
-        self._served.add((digest, prompt))
-        # Stored under the id of the backend that produced it (its cap may have changed).
-        key = CacheKey(self._backend.backend_id, digest, prompt)
-        staged.append(key)
-        return self._cache.stage(key, seg)
+        for prompt, seg in zip(todo, segs, strict=True):
+            self._served.add((digest, prompt))
+            # Stored under the id of the backend that produced it (its cap may have changed).
+            key = CacheKey(self._backend.backend_id, digest, prompt)
+            staged.append(key)
+            results[prompt] = self._cache.stage(key, seg)
+        return results
 
     def _lookup(self, digest: str, prompt: str, hw: tuple[int, int]) -> CacheHit | None:
         """The configured backend's result first, else one computed after an OOM lowered it."""
@@ -285,25 +300,46 @@ class SegmentationWorker:
                 return hit
         return None
 
-    def _run_model(self, image: np.ndarray, prompt: str) -> Segmentation:
+    def _run_model(self, image: np.ndarray, prompts: list[str]) -> list[Segmentation]:
         attempt = 0
         while True:
             start = time.perf_counter()
             try:
-                seg = self._backend.segment(image, prompt)
+                segs = segment_all(self._backend, image, prompts)
             except Exception as err:
+                if _is_cuda_fault(err) and self._in_ray:
+                    self._end_process(image, prompts, err)
                 if not _is_cuda_oom(err):
                     raise
                 message = str(err)
             else:
-                self._stats.forward_pass(time.perf_counter() - start)
-                return self._flag_lowered_cap(seg, image)
+                share = (time.perf_counter() - start) / len(prompts)
+                for _ in prompts:
+                    self._stats.forward_pass(share)
+                return [self._flag_lowered_cap(seg, image) for seg in segs]
             # Outside the except block the traceback, and the tensors its frames hold, are gone,
             # so emptying the CUDA cache can actually return their memory.
-            self._recover_from_oom(image, prompt, message, attempt)
+            self._recover_from_oom(image, prompts, message, attempt)
             attempt += 1
 
-    def _recover_from_oom(self, image: np.ndarray, prompt: str, message: str, attempt: int) -> None:
+    def _end_process(self, image: np.ndarray, prompts: list[str], err: BaseException) -> None:
+        """After a CUDA error other than OOM: end this process so that Ray restarts it clean."""
+        log.critical(
+            "%s: CUDA error on a %dx%d image (digest %s), prompts %r: %s; ending the worker "
+            "process so that Ray restarts it with a fresh CUDA context",
+            self.name,
+            image.shape[1],
+            image.shape[0],
+            image_digest(image)[:12],
+            prompts,
+            err,
+        )
+        logging.shutdown()
+        os._exit(EXIT_CUDA_FAULT)
+
+    def _recover_from_oom(
+        self, image: np.ndarray, prompts: list[str], message: str, attempt: int
+    ) -> None:
         """Free memory and lower the cap for a retry, or raise when nothing is left to lower."""
         _free_cuda_cache()
         side = max(image.shape[:2])
@@ -321,9 +357,10 @@ class SegmentationWorker:
             log.warning("%s: CUDA OOM; retrying once after freeing the CUDA cache", self.name)
             return
         self._stats.count("oom_failures")
+        asked = ", ".join(repr(p) for p in prompts)
         raise SegmentationOutOfMemoryError(
             f"{self.name}: out of GPU memory on a {image.shape[1]}x{image.shape[0]} image for "
-            f"prompt {prompt!r} at input cap {effective} px, and the cap cannot go lower (floor "
+            f"prompt(s) {asked} at input cap {effective} px, and the cap cannot go lower (floor "
             f"{self._min_input_cap} px). Free the GPU (other processes, other workers on it), "
             f"plan fewer users of this GPU, or lower min_input_cap. Last error: {message}"
         )
@@ -361,6 +398,18 @@ def _is_cuda_oom(err: BaseException) -> bool:
         return False
     oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
     return isinstance(err, oom_type)
+
+
+def _is_cuda_fault(err: BaseException) -> bool:
+    """A CUDA error that is not an OOM (``torch.AcceleratorError``, or a RuntimeError that
+    says "CUDA error" on builds without that type)."""
+    torch = sys.modules.get("torch")
+    if torch is None or _is_cuda_oom(err):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return True
+    return isinstance(err, RuntimeError) and "CUDA error" in str(err)
 
 
 def _free_cuda_cache() -> None:

@@ -5,11 +5,11 @@ Both trials run the same recipe (``config.finetune``) over the backend's
 :class:`~models.heads.HeadBackend` (:func:`head_backend`), on the default prompt's frozen
 inputs of the train split (computed once through the run's workers, so from their cache):
 
-- ``reward_finetune`` waits for the reward-net trial to be READY (it stops at once, with the
-  reason, when that trial FAILED), then maximises the reward net's predicted quality with the
-  method ``finetune.method`` names (:mod:`models.head_training`), never reading a training
-  label; the kept head is the evaluation with the best reward-net score on the val images
-  (no labels);
+- ``reward_finetune`` waits for the reward-net trial to be READY on the run's status board
+  (``after``; it stops at once, with the reason, when that trial FAILED), then maximises the
+  reward net's predicted quality with the method ``finetune.method`` names
+  (:mod:`models.head_training`), never reading a training label; the kept head is the
+  evaluation with the best reward-net score on the val images (no labels);
 - ``supervised_finetune`` trains the same head with the labels (the honest reference of what
   labels give); the kept head is the evaluation with the best val Dice.
 
@@ -55,7 +55,7 @@ from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialSpec, run_reward_scorer
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.progress_metrics import export_progress
-from orchestrator.training.reward_net_status import wait_for_reward_net
+from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
     from models.frangi_head import FrangiHeadBackend
@@ -182,10 +182,10 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
 
 
 def _reward_scorer(spec: TrialSpec) -> RewardScorer | None:
-    """The run's reward net: awaited by a trial that needs it; used for the reference score by
-    one that does not, when it is already READY."""
+    """The run's reward net: awaited (``Trial.after``) by a trial that needs it; used for the
+    reference score by one that does not, when its checkpoint is already written."""
     if spec.trial.needs_reward_net:
-        wait_for_reward_net(spec.paths)
+        wait_for(spec)
         return run_reward_scorer(spec)
     if spec.paths.reward_net.is_file():
         try:

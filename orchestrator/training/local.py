@@ -24,6 +24,8 @@ from orchestrator.experiments import TrialOutcome, TrialSpec, trials_of_experime
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.inference.worker import BackendSpec, SegmentationWorker
 from orchestrator.run_dir import RunPaths
+from orchestrator.run_id import ensure_run_id
+from orchestrator.training.trial_status import host_locally, reporting
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import RunOptions
@@ -73,17 +75,20 @@ def train_locally(options: RunOptions, experiment: str) -> list[TrialOutcome]:
     )
     client = SegmentationClient.in_process([worker])
     print(f"  in-process worker, backend {client.backend_id}")
+    run_id = ensure_run_id(paths)
+    host_locally(run_id, str(paths.root))
     outcomes = []
     for trial in trials_of_experiment(experiment):
-        spec = TrialSpec(trial, config, str(paths.root), (), client.backend_id, prepared.ref)
+        spec = TrialSpec(trial, config, str(paths.root), run_id, client.backend_id, prepared.ref)
         sink = LocalSink(paths.root / LOCAL_DIR / trial.name)
         print(f"  trial {trial.name} -> {sink.trial_dir}", flush=True)
-        if trial.trains_reward_net:
-            train_run_reward_net(spec, client, sink)
-        elif trial.head_objective:
-            run_finetune(spec, client, sink)
-        else:
-            train_ppo(spec, client, sink, local=True)
+        with reporting(spec):
+            if trial.trains_reward_net:
+                train_run_reward_net(spec, client, sink)
+            elif trial.head_objective:
+                run_finetune(spec, client, sink)
+            else:
+                train_ppo(spec, client, sink, local=True)
         print(f"  trial {trial.name}: {_brief(sink.last)}", flush=True)
         outcomes.append(TrialOutcome(trial.name, "TERMINATED", sink.trial_dir))
     return outcomes

@@ -39,7 +39,7 @@ from orchestrator.training.ppo import (
     flatten_result,
 )
 from orchestrator.training.progress_metrics import export_progress
-from orchestrator.training.reward_net_status import wait_for_reward_net
+from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
     from orchestrator.inference.client import SegmentationClient
@@ -121,9 +121,8 @@ def train_ppo(
     writer = tensorboard_writer(sink.trial_dir)
     steps, metrics = 0.0, {}
     try:
-        if spec.trial.needs_reward_net:
-            # Built and normalised while step 1 trained; the first reward needs its network.
-            wait_for_reward_net(spec.paths)
+        # Built and normalised while the awaited trial ran; the first step needs its outputs.
+        wait_for(spec)
         while steps < run.ppo.total_env_steps:
             metrics = flatten_result(algo.train())
             metrics.update(inference_metrics(client))

@@ -23,6 +23,7 @@ import threading
 
 from orchestrator.config import RunConfig
 from orchestrator.experiments import Trial, trials_for
+from orchestrator.experiments import trial as by_name
 
 OFF_CHAIN_STEP = 10
 """Niceness a trial off the chain adds to its own (Ray starts its workers at niceness 15, so
@@ -34,7 +35,8 @@ _thread = threading.local()  # .lowered: this thread's priority was lowered alre
 
 def on_reward_chain(trial: Trial) -> bool:
     """Whether ``trial`` is the reward net or waits for it."""
-    return trial.trains_reward_net or trial.needs_reward_net
+    awaited = None if trial.after is None else by_name(trial.after)
+    return trial.trains_reward_net or (awaited is not None and awaited.trains_reward_net)
 
 
 def lower_thread_priority(step: int = OFF_CHAIN_STEP) -> int:

@@ -24,7 +24,6 @@ from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialSpec
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.progress_metrics import export_progress
-from orchestrator.training.reward_net_status import reporting_status
 from orchestrator.training.reward_predictions import (
     RewardNetPredictions,
     write_reward_net_predictions,
@@ -83,11 +82,8 @@ def train_run_reward_net(
 ) -> dict[str, float]:
     """The reward-net trial: examples of the train and val splits, training with one result
     per epoch, then ``reward_net/best_reward_net.pt`` (tied to the run's backend and split),
-    ``report.json`` and ``val_predictions.csv``; ``status.json`` says RUNNING, then READY or
-    FAILED with the reason (:mod:`~orchestrator.training.reward_net_status`). Returns the final
-    metrics."""
-    with reporting_status(spec.paths):
-        return _train(spec, segmenter, sink)
+    ``report.json`` and ``val_predictions.csv``. Returns the final metrics."""
+    return _train(spec, segmenter, sink)
 
 
 def _train(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str, float]:

@@ -2,11 +2,13 @@
 
 Its ``config`` is a :class:`~orchestrator.experiments.TrialSpec` in plain-data form (Tune stores
 it in ``params.json``). Environments reach the models only through a
-:class:`~orchestrator.inference.client.SegmentationClient` over the named Ray workers. PPO trials
+:class:`~orchestrator.inference.client.SegmentationClient` over the run's Ray workers, found by
+the run id when the trial starts. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
 ``--resume``; the reward-net trial reports one result per epoch; the mask-head fine-tuning
-trials (:mod:`~orchestrator.training.finetune`) one per evaluation.
+trials (:mod:`~orchestrator.training.finetune`) one per evaluation. Every trial says RUNNING and
+READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from orchestrator.training.finetune import run_finetune
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
 from orchestrator.training.reward_net import train_run_reward_net
+from orchestrator.training.trial_status import reporting
 
 
 class TuneSink:
@@ -51,12 +54,13 @@ class TuneSink:
 def run_trial(param: dict[str, Any]) -> None:
     """Tune entry point: the trial of ``param`` (a :meth:`TrialSpec.to_param`)."""
     spec = TrialSpec.from_param(param)
-    client = SegmentationClient(spec.workers)
-    if spec.trial.trains_reward_net:
-        train_run_reward_net(spec, client, TuneSink())
-        return
-    yield_to_reward_chain(spec.trial, spec.run)
-    if spec.trial.head_objective:
-        run_finetune(spec, client, TuneSink())
-        return
-    train_ppo(spec, client, TuneSink())
+    client = SegmentationClient.for_run(spec.run_id)
+    with reporting(spec):
+        if spec.trial.trains_reward_net:
+            train_run_reward_net(spec, client, TuneSink())
+            return
+        yield_to_reward_chain(spec.trial, spec.run)
+        if spec.trial.head_objective:
+            run_finetune(spec, client, TuneSink())
+            return
+        train_ppo(spec, client, TuneSink())

@@ -8,6 +8,9 @@ registry's ``uses_gpu``: reward-net training) also ask for ``gpu_mem_mb`` when t
 left memory for trials, so Tune queues them until that memory is free instead of letting them
 OOM next to a Sa2VA worker; the plan's refusal, if any, came in stage 3
 (:func:`trial_gpu_mem_mb`), before any worker started.
+
+:class:`StatusCallback` is the driver's side of the run's trial status board
+(:mod:`orchestrator.training.trial_status`): Tune sees a trial's process die, the trial does not.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from ray import tune
 from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialOutcome, TrialSpec, trial, trials_for
 from orchestrator.run_dir import TUNE_EXPERIMENT, RunPaths
-from orchestrator.training.reward_net_status import clear_failed
 from orchestrator.training.trainable import run_trial
+from orchestrator.training.trial_status import READY, RUNNING, board
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -72,8 +75,8 @@ def fit(
     options: RunOptions,
     config: RunConfig,
     paths: RunPaths,
+    run_id: str,
     prepared: PreparedData,
-    workers: list[str],
     backend_id: str,
     gpu_mem_mb: int,
 ) -> tune.ResultGrid:
@@ -88,7 +91,7 @@ def fit(
             trial=t,
             run=config,
             root=str(paths.root),
-            workers=tuple(workers),
+            run_id=run_id,
             backend_id=backend_id,
             data=prepared.ref,
             gpu_mem_mb=gpu_mem_mb if t.uses_gpu else 0,
@@ -99,10 +102,9 @@ def fit(
     param_space = {**specs[0], "trial": tune.grid_search([s["trial"] for s in specs])}
     names = [t.name for t in trials]
     print(f"  {len(trials)} trials, {cpus} CPU each: {', '.join(names)}")
-    if any(t.trains_reward_net for t in trials):
-        clear_failed(paths)  # the reward-net trial runs (again): its last failure is history
     if options.resume and tune.Tuner.can_restore(str(paths.tune_dir)):
         print(f"  resuming the Tune experiment in {paths.tune_dir}")
+        # Its run config (with the StatusCallback of this run id) comes back with it.
         tuner = tune.Tuner.restore(
             str(paths.tune_dir),
             trainable=trainable,
@@ -124,18 +126,77 @@ def fit(
                 storage_path=str(paths.root),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                callbacks=[StatusCallback(run_id)],
                 verbose=1,
             ),
         )
     return tuner.fit()
 
 
+class StatusCallback(tune.Callback):
+    """On the driver: tells the run's status board what only Tune sees. FAILED when Tune
+    gives up on a trial (it raised on its last attempt, or its process died, e.g. SIGKILL;
+    the reason is the error the trial noted, else Tune's); READY for a trial Tune saw finish,
+    including one finished in an earlier attempt of a resumed run; RUNNING again while Tune
+    retries a failed attempt. Picklable (Tune keeps it with the experiment): it holds the run
+    id and finds the board by it."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self._finished: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"run_id": self.run_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["run_id"])  # type: ignore[misc]
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        for finished in trials:
+            if finished.status == finished.TERMINATED:
+                self._ready(finished)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self._ready(trial)
+
+    def on_trial_recover(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        board(self.run_id).set(str(trial.config["trial"]), RUNNING, "retrying a failed attempt")
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self._finished.add(trial.trial_id)
+        board(self.run_id).fail(str(trial.config["trial"]), f"Tune: {_last_error(trial)}")
+
+    def _ready(self, trial: Trial) -> None:
+        if trial.trial_id not in self._finished:
+            self._finished.add(trial.trial_id)
+            board(self.run_id).set(str(trial.config["trial"]), READY)
+
+
+def _last_error(trial: Trial) -> str:
+    """The last line of the trial's error as Tune recorded it (the exception's own line)."""
+    try:  # the driver's own copy, written before Tune calls back (storage may lag)
+        lines = Path(trial.error_file).read_text().strip().splitlines() if trial.error_file else []
+    except OSError as err:
+        return f"its error could not be read ({err})"
+    return lines[-1][:500] if lines else "its process ended without an error"
+
+
 def outcomes(grid: tune.ResultGrid) -> list[TrialOutcome]:
-    """Every trial of Tune's ResultGrid as the later stages read it."""
+    """Every trial of Tune's ResultGrid as the later stages read it; prints the last line of
+    each errored trial's error."""
     found = []
     for index in range(len(grid)):
         result = grid[index]
         checkpoint = result.checkpoint
+        if result.error is not None:
+            last = str(result.error).strip().splitlines() or ["(no error text)"]
+            print(f"  trial {(result.config or {}).get('trial')} ended in ERROR: {last[-1]}")
         found.append(
             TrialOutcome(
                 name=str((result.config or {})["trial"]),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 SOURCE_DIR = Path(__file__).parent
 # Per variant: (model class, config class, files copied as {name in folder: source file}).
@@ -61,7 +61,8 @@ VOCAB = (
     "<unk>", "</s>", "<image>", "[SEG]", "please", "segment", "the", "blood", "vessel",
     "vessels", "all", "including", "small", "branches", "thin", "main", "coronary", "arteries",
     "describe", "image", "with", "and", "only", "large", "both", "sure", "it", "is", "an",
-    "angiogram", ".", ",",
+    "angiogram", ".", ",", "<img>", "</img>", "<IMG_CONTEXT>", "<|vision_start|>",
+    "<|image_pad|>", "<|vision_end|>",
 )  # fmt: skip
 # Candidate weights of the IoU head: the unshifted candidate (index 1) has the largest IoU.
 IOU_WEIGHTS = (0.3, 1.0, 0.6)
@@ -114,6 +115,19 @@ def write_tiny_sa2va(
     return folder
 
 
+def build_from_folder(folder: Path) -> torch.nn.Module:
+    """The folder's model built from its own code and weights without transformers' loader
+    (which refuses the v1 config class on transformers >= 4.52): for tests of the model itself
+    on every variant. The code stays imported while the model lives."""
+    payload = json.loads((folder / "config.json").read_text())
+    fields = {k: v for k, v in payload.items() if k in _FIELDS}
+    auto_map = payload["auto_map"]
+    with _code_of(folder, forget=False) as load:
+        model = load(auto_map["AutoModel"])(load(auto_map["AutoConfig"])(**fields))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
 _FIELDS = (
     "llm_config", "sam_size", "embed_dim", "vocab_size", "no_seg_word", "two_seg_word",
     "grounding_attr", "post_capture_bias",
@@ -121,9 +135,9 @@ _FIELDS = (
 
 
 @contextmanager
-def _code_of(folder: Path) -> Iterator[Callable[[str], Any]]:
+def _code_of(folder: Path, forget: bool = True) -> Iterator[Callable[[str], Any]]:
     """Import ``module.Class`` references from the folder's own code files (as one package, so
-    their relative imports resolve as in the checkpoint); forgotten afterwards."""
+    their relative imports resolve as in the checkpoint); forgotten afterwards if ``forget``."""
     package = f"_tiny_sa2va_code_{next(_PACKAGES)}"
     spec = importlib.util.spec_from_loader(package, loader=None, is_package=True)
     assert spec is not None
@@ -135,7 +149,8 @@ def _code_of(folder: Path) -> Iterator[Callable[[str], Any]]:
             importlib.import_module(f"{package}.{ref.rpartition('.')[0]}"), ref.rpartition(".")[2]
         )
     finally:
-        for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+        imported = [n for n in sys.modules if n == package or n.startswith(package + ".")]
+        for name in imported if forget else []:
             del sys.modules[name]
 
 
@@ -151,10 +166,25 @@ def _set_weights(model: torch.nn.Module, darkness_gain: float) -> None:
         decoder.conv.bias.fill_(darkness_gain / 2)
         decoder.iou_prediction_head.weight.copy_(torch.diag(torch.tensor(IOU_WEIGHTS)))
         decoder.iou_prediction_head.bias.zero_()
-        vocab, dim = model.embed_tokens.weight.shape
-        model.embed_tokens.weight.copy_(torch.linspace(-1.0, 1.0, vocab * dim).reshape(vocab, dim))
+        for weight in _image_encoder_weights(model):
+            weight.copy_(torch.linspace(-0.05, 0.05, weight.numel()).reshape(weight.shape))
+        embed_tokens = _embed_tokens(model)
+        vocab, dim = embed_tokens.weight.shape
+        embed_tokens.weight.copy_(torch.linspace(-1.0, 1.0, vocab * dim).reshape(vocab, dim))
         model.text_hidden_fcs.weight.fill_(0.1)
         model.text_hidden_fcs.bias.zero_()
+
+
+def _image_encoder_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    if hasattr(model, "vision_model"):
+        return [model.vision_model.patch_embed.weight, model.mlp1[0].weight]
+    return [model.model.model.visual.proj.weight]
+
+
+def _embed_tokens(model: torch.nn.Module) -> torch.nn.Embedding:
+    if hasattr(model, "language_model"):
+        return model.language_model.embed_tokens
+    return model.model.model.embed_tokens
 
 
 def _write_tokenizer(folder: Path) -> None:

@@ -7,10 +7,10 @@ from transformers import PreTrainedModel
 
 from .configuration_sa2va_chat import Sa2VAChatConfig
 from .sam2 import SAM2
-from .tiny_lm import TinySa2VAMixin
+from .tiny_lm import InternVLMixin
 
 
-class Sa2VAChatModel(TinySa2VAMixin, PreTrainedModel):
+class Sa2VAChatModel(InternVLMixin, PreTrainedModel):
     config_class = Sa2VAChatConfig
     base_model_prefix = "sa2va"
     main_input_name = "pixel_values"
@@ -26,11 +26,8 @@ class Sa2VAChatModel(TinySa2VAMixin, PreTrainedModel):
     def preparing_for_generation(
         self, tokenizer, max_new_tokens: int = 2048, torch_dtype=torch.bfloat16
     ) -> None:
-        self.tokenizer = tokenizer
-        self.seg_token_idx = tokenizer.convert_tokens_to_ids("[SEG]")
-        self.torch_dtype = torch_dtype
+        self._prepare_internvl(tokenizer, max_new_tokens, torch_dtype)
         self.to(torch_dtype)
-        self.init_prediction_config = True
 
     def predict_forward(
         self,
@@ -44,4 +41,4 @@ class Sa2VAChatModel(TinySa2VAMixin, PreTrainedModel):
         if not self.init_prediction_config:
             assert tokenizer
             self.preparing_for_generation(tokenizer=tokenizer)
-        return self._segment(image, text, tokenizer)
+        return self._segment_internvl(image, text, tokenizer)

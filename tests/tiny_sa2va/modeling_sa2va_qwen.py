@@ -1,8 +1,8 @@
 """v2 Qwen-VL-style tiny Sa2VA: ``Sa2VAChatModelQwen`` as in bytedance/Sa2VA's
 ``models_qwen2_5_vl``/``models_qwen3vl``: never calls ``post_init()``; ``predict_forward`` asserts
-a ``processor``; grounding inputs are cast to ``self.torch_dtype`` (bfloat16 unless prepared)."""
+a ``processor``; has no ``preparing_for_generation``; grounding inputs are cast to
+``self.torch_dtype`` (bfloat16 unless set); ``self.model.generate`` gets ``max_new_tokens=2048``."""
 
-import torch
 from transformers import PreTrainedModel
 
 from .configuration_sa2va_chat import Sa2VAChatConfigQwen
@@ -17,19 +17,11 @@ class Sa2VAChatModelQwen(TinySa2VAMixin, PreTrainedModel):
 
     def __init__(self, config: Sa2VAChatConfigQwen) -> None:
         super().__init__(config)
-        self._build(config, SAM2)
+        self._build(config, SAM2, qwen=True)
 
     def _init_weights(self, module) -> None:
         # Weights always come from the saved safetensors file.
         return
-
-    def preparing_for_generation(
-        self, tokenizer, max_new_tokens: int = 2048, torch_dtype=torch.bfloat16
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.seg_token_idx = tokenizer.convert_tokens_to_ids("[SEG]")
-        self.torch_dtype = torch_dtype
-        self.init_prediction_config = True
 
     def predict_forward(
         self,
@@ -43,7 +35,4 @@ class Sa2VAChatModelQwen(TinySa2VAMixin, PreTrainedModel):
     ):
         assert processor is not None
         self.last_processor = processor
-        if not self.init_prediction_config:
-            assert tokenizer
-            self.preparing_for_generation(tokenizer=tokenizer)
-        return self._segment(image, text, tokenizer)
+        return self._segment_qwen(image, text, tokenizer)

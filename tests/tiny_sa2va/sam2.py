@@ -1,9 +1,14 @@
-"""SAM2 stand-in with the structure Sa2VA's ``sam2.py`` has where the segmenter touches it.
+"""SAM2 stand-in with the structure of Sa2VA's ``sam2.py`` wherever the segmenter touches it.
 
-- ``SAM2`` (the model's ``grounding_encoder``): ``preprocess_image``, ``get_sam2_embeddings`` and
-  ``language_embd_inference(inference_state, [language_embd] * frames)``, which returns float32
-  **logits** of shape (frames, 1, 1024, 1024), upsampled bilinearly from the 256x256 low-res
-  masks as SAM2 does;
+- ``SAM2`` (the model's ``grounding_encoder``): ``preprocess_image``, ``get_sam2_embeddings``
+  (``sam2_model.init_state``: an inference state with an empty ``cached_features``, no compute)
+  and ``language_embd_inference(inference_state, [language_embd] * frames)``, which returns
+  float32 **logits** of shape (frames, 1, 1024, 1024), upsampled bilinearly from the 256x256
+  low-res masks as SAM2 does;
+- ``SAM2.sam2_model`` (upstream's ``SAM2VideoPredictor``): ``add_language_embd`` ->
+  ``_get_image_feature``, which looks in ``inference_state["cached_features"]`` first and on a
+  miss runs ``forward_image`` (the image-only encoder, ``image_encoder``: Hiera + FPN upstream)
+  and caches its output in that state only, as upstream does;
 - ``SAM2.sam2_model.sam_mask_decoder``: an ``nn.Module`` returning ``(low_res_multimasks (B, 3,
   256, 256), ious (B, 3), sam_output_tokens, object_score_logits)`` like SAM2's ``MaskDecoder``
   with ``multimask_output``; ``_forward_sam_heads`` keeps the candidate with the largest
@@ -11,7 +16,7 @@
 
 The "segmentation" is image darkness: a 3x3 convolution with negative weights on the
 4x-downsampled image (one candidate per output channel, shifted by -1, 0, +1), plus a bias from
-the [SEG] embedding.
+the [SEG] embedding. ``image_encoder.calls`` counts the image encoder's runs.
 """
 
 import torch
@@ -19,6 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 CANDIDATE_OFFSETS = (-1.0, 0.0, 1.0)
+
+
+class ImageEncoder(nn.Module):
+    """The image-only encoder (upstream: Hiera trunk + FPN neck); counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, sample: torch.Tensor) -> dict:
+        self.calls += 1
+        features = F.avg_pool2d(sample, kernel_size=4)
+        return {
+            "vision_features": features,
+            "vision_pos_enc": [torch.zeros_like(features)],
+            "backbone_fpn": [features],
+        }
 
 
 class MaskDecoder(nn.Module):
@@ -50,13 +72,35 @@ class MaskDecoder(nn.Module):
         return masks, ious, sparse_prompt_embeddings, object_score_logits
 
 
-class SAM2Base(nn.Module):
-    """Holds the decoder under the attribute path the real SAM2 predictor uses."""
+class SAM2VideoPredictor(nn.Module):
+    """The predictor upstream's ``SAM2.sam2_model`` is, reduced to the single-frame path."""
 
     def __init__(self, image_size: int) -> None:
         super().__init__()
         self.image_size = image_size
+        self.image_encoder = ImageEncoder()
         self.sam_mask_decoder = MaskDecoder()
+
+    def forward_image(self, img_batch: torch.Tensor) -> dict:
+        return self.image_encoder(img_batch)
+
+    def init_state(self, images: torch.Tensor) -> dict:
+        return {"images": images, "num_frames": len(images), "cached_features": {}}
+
+    def _get_image_feature(self, inference_state: dict, frame_idx: int, batch_size: int):
+        image, backbone_out = inference_state["cached_features"].get(frame_idx, (None, None))
+        if backbone_out is None:
+            image = inference_state["images"][frame_idx].unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            inference_state["cached_features"] = {frame_idx: (image, backbone_out)}
+        features = backbone_out["backbone_fpn"][-1].expand(batch_size, -1, -1, -1)
+        return image.expand(batch_size, -1, -1, -1), features
+
+    def add_language_embd(
+        self, inference_state: dict, frame_idx: int, obj_id: int, language_embd, inference=False
+    ):
+        _, features = self._get_image_feature(inference_state, frame_idx, 1)
+        return frame_idx, [obj_id], self._forward_sam_heads(features, language_embd)
 
     def _forward_sam_heads(
         self, backbone_features: torch.Tensor, language_embd: torch.Tensor
@@ -81,17 +125,19 @@ class SAM2(nn.Module):
 
     def __init__(self, image_size: int = 1024) -> None:
         super().__init__()
-        self.sam2_model = SAM2Base(image_size)
+        self.sam2_model = SAM2VideoPredictor(image_size)
 
     def preprocess_image(self, image: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
         return (image.float() / 255.0).to(dtype)
 
     def get_sam2_embeddings(self, images: torch.Tensor) -> dict:
-        return {"features": F.avg_pool2d(images, kernel_size=4)}
+        return self.sam2_model.init_state(images)
 
     def language_embd_inference(self, inference_state: dict, language_embd: list) -> torch.Tensor:
         outputs = []
         for frame_idx, embd in enumerate(language_embd):
-            features = inference_state["features"][frame_idx : frame_idx + 1]
-            outputs.append(self.sam2_model._forward_sam_heads(features, embd[None]))
+            _, _, logits = self.sam2_model.add_language_embd(
+                inference_state, frame_idx, 100, embd[None], inference=True
+            )
+            outputs.append(logits)
         return torch.cat(outputs, dim=0)

@@ -23,7 +23,11 @@ class TinySa2VATokenizer(PreTrainedTokenizer):
         kwargs.setdefault("eos_token", "</s>")
         super().__init__(**kwargs)
         # The special tokens must survive word splitting, as in the real checkpoints.
-        self.add_tokens(["<image>", "[SEG]"], special_tokens=True)
+        self.add_tokens(
+            ["<image>", "[SEG]", "<img>", "</img>", "<IMG_CONTEXT>", "<|vision_start|>",
+             "<|image_pad|>", "<|vision_end|>"],
+            special_tokens=True,
+        )  # fmt: skip
 
     @property
     def vocab_size(self) -> int:
