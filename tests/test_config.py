@@ -63,7 +63,7 @@ def test_errors_name_every_bad_key() -> None:
         ({"env": {"episode_steps": {"prompt": 0}}}, "episode_steps must be between 1 and 50"),
         (
             {"env": {"episode_steps": {"dance": 1}}},
-            "got 'dance', allowed: 'prompt', 'postprocess' or 'reward'",
+            "got 'dance', allowed: 'prompt', 'postprocess', 'reward' or 'finetune'",
         ),
     ],
 )
