@@ -263,3 +263,18 @@ def test_reward_examples_include_perturbed_soft_masks_scored_by_their_hard_mask(
             )
             assert np.array_equal(example.mask_x, mask_channel(mask, 16))
             assert ((mask > 0.05) & (mask < 0.95)).any()  # soft, not a thresholded mask
+
+
+def test_the_hacking_panel_says_so_when_score_and_dice_move_apart() -> None:
+    from orchestrator.report.finetune import _hacking_verdict
+
+    def point(step: int, score: float, dice: float) -> dict[str, float]:
+        return {"step": step, "reward_net_score": score, "gt_dice": dice, "reward_net_mae": 0.1}
+
+    hacked = [point(0, 0.726, 0.696), point(10, 0.725, 0.674), point(40, 0.728, 0.688)]
+    assert _hacking_verdict(hacked).startswith(
+        "**The head learned to please the reward net (reward hacking)**: at step 40 the "
+        "reward-net score rose (0.726 -> 0.728) while the val GT Dice fell (0.696 -> 0.688)."
+    )
+    honest = [point(0, 0.7, 0.7), point(10, 0.72, 0.71), point(20, 0.69, 0.68)]
+    assert _hacking_verdict(honest).startswith("No divergence")

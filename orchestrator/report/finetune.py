@@ -69,7 +69,8 @@ def _comparison(summaries: Mapping[str, MethodSummary]) -> list[str]:
     for m in present:
         s = summaries[m]
         paired = s.paired.get("baseline", {})
-        cells = [_paired(paired[k]) if k in paired else "-" for k in ("dice", "recall")]
+        shown_pairs = {} if m == "baseline" else paired
+        cells = [_paired(shown_pairs[k]) if k in shown_pairs else "-" for k in ("dice", "recall")]
         lines.append(
             f"| {m} | {_ci(s.metrics['dice'])} | {_ci(s.metrics['recall'])} | "
             f"{cells[0]} | {cells[1]} |"
@@ -137,21 +138,26 @@ def _hacking(history: dict[str, Any] | None) -> list[str]:
 
 
 def _hacking_verdict(points: list[dict[str, float]]) -> str:
-    first = points[0]
+    first, last = points[0], points[-1]
     if any(math.isnan(p["gt_dice"]) for p in points):
         return "No val labels: the curve cannot be checked against ground truth."
-    worst = min(points[1:] or points, key=lambda p: p["gt_dice"] - first["gt_dice"])
-    score_up = worst["reward_net_score"] > first["reward_net_score"]
-    if score_up and worst["gt_dice"] < first["gt_dice"] - DIVERGENCE:
+    diverged = [
+        p
+        for p in points[1:]
+        if p["reward_net_score"] > first["reward_net_score"]
+        and p["gt_dice"] < first["gt_dice"] - DIVERGENCE
+    ]
+    if diverged:
+        worst = min(diverged, key=lambda p: p["gt_dice"])
         return (
-            f"**The reward net is being hacked**: at step {worst['step']} its score rose "
-            f"({first['reward_net_score']:.3f} -> {worst['reward_net_score']:.3f}) while the "
-            f"val GT Dice fell ({first['gt_dice']:.3f} -> {worst['gt_dice']:.3f})."
+            f"**The head learned to please the reward net (reward hacking)**: at step "
+            f"{worst['step']} the reward-net score rose ({first['reward_net_score']:.3f} -> "
+            f"{worst['reward_net_score']:.3f}) while the val GT Dice fell "
+            f"({first['gt_dice']:.3f} -> {worst['gt_dice']:.3f})."
         )
-    last = points[-1]
     return (
-        "No divergence: the reward-net score and the val GT Dice did not move apart by more "
-        f"than {DIVERGENCE} Dice (score {first['reward_net_score']:.3f} -> "
+        "No divergence: no evaluation raised the reward-net score while the val GT Dice fell by "
+        f"more than {DIVERGENCE} (score {first['reward_net_score']:.3f} -> "
         f"{last['reward_net_score']:.3f}, GT Dice {first['gt_dice']:.3f} -> {last['gt_dice']:.3f})."
     )
 
@@ -185,10 +191,12 @@ def _costs(histories: Mapping[str, dict[str, Any]]) -> list[str]:
     if not histories:
         return []
     parts = [
-        f"{name} {h['cpu_seconds']:.1f} CPU s ({h['train_images']} train images)"
+        f"{name} {h['cpu_seconds']:.1f} CPU s ({h['train_images']} train images, kept step "
+        f"{h['selected_step']} of {h['points'][-1]['step']}"
+        f"{': the initial head, i.e. the baseline' if h['selected_step'] == 0 else ''})"
         for name, h in histories.items()
     ]
-    return [f"Cost: {'; '.join(parts)}."]
+    return [f"Cost and kept head: {'; '.join(parts)}."]
 
 
 def _num(value: float | None) -> str:
