@@ -206,7 +206,7 @@ def part_b(args: argparse.Namespace, cache_dir: Path, direct_us: float) -> None:
 
 def main() -> None:
     args = parse_args()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(fakes)
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as tmp:
         direct_us = part_a(args, Path(tmp) / "cache_a")

@@ -6,10 +6,13 @@ Backends are imported lazily so that choosing Frangi never imports transformers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import UserError
 from models.segmentation import Segmenter
+
+if TYPE_CHECKING:  # models.heads imports torch, which a Frangi-only run never needs here
+    from models.heads import HeadBackend
 
 BACKENDS = ("frangi", "sa2va")
 
@@ -31,3 +34,27 @@ def make_segmenter(name: str, **options: Any) -> Segmenter:
 
         return Sa2VASegmenter(**options)
     raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+
+
+def make_head_backend(segmenter: Segmenter) -> HeadBackend:
+    """The fine-tuning view (:class:`~models.heads.HeadBackend`) of a loaded backend, built in
+    the process that holds the model: Sa2VA's frozen inputs come from hooks on the model, so a
+    Sa2VA head backend lives where the segmenter does (a worker), never behind a client.
+
+    Raises:
+        UserError: the backend has no head to fine-tune.
+    """
+    from models.heads import HeadBackend
+
+    if isinstance(segmenter, HeadBackend):
+        return segmenter
+    if segmenter.backend_id.startswith("sa2va:"):
+        from models.sa2va.head import Sa2VAHeadBackend
+        from models.sa2va.segmenter import Sa2VASegmenter
+
+        if isinstance(segmenter, Sa2VASegmenter):
+            return Sa2VAHeadBackend(segmenter)
+    raise UserError(
+        f"backend {segmenter.backend_id} has no trainable head here (a Sa2VA head needs the "
+        "loaded Sa2VASegmenter itself, not a client of the workers)"
+    )

@@ -50,7 +50,7 @@ _pool_ids = itertools.count()
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # Workers cannot import the tests directory: ship the fakes by value.
     ray.cloudpickle.register_pickle_by_value(fakes)
     yield

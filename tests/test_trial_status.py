@@ -121,7 +121,13 @@ def test_a_sigkilled_awaited_trial_stops_the_waiting_trial_with_the_reason(
     from orchestrator.training.tuner import StatusCallback
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace=NAMESPACE,
+    )
     try:
         run_id = new_run_id()
         status.start_board(run_id, str(tmp_path))

@@ -130,6 +130,11 @@ class Sa2VASegmenter:
         )
 
     @property
+    def source(self) -> ModelSource:
+        """Where the weights were loaded from (a local folder, or a Hub id + commit)."""
+        return self._source
+
+    @property
     def device(self) -> torch.device:
         """The device the model runs on."""
         return self._device
