@@ -18,8 +18,14 @@ BACKENDS = ("frangi", "sa2va")
 
 
 def make_segmenter(name: str, **options: Any) -> Segmenter:
-    """Instantiate backend ``name`` with its keyword ``options``."""
+    """Instantiate backend ``name`` with its keyword ``options`` (Frangi with ``head_path``:
+    the exported fine-tuned head of that folder, :func:`models.frangi_head.load_head_segmenter`)."""
     if name == "frangi":
+        head_path = options.pop("head_path", None)
+        if head_path is not None:
+            from models.frangi_head import load_head_segmenter
+
+            return load_head_segmenter(head_path)
         from models.frangi import FrangiSegmenter
 
         return FrangiSegmenter(**options)

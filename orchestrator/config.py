@@ -31,8 +31,8 @@ CONFIG_DIR = Path(__file__).parent / "tune_configs"
 """The shipped configs: ``orchestrator/tune_configs``, a link to the checkout's
 ``tune_configs/`` and a real folder in an installed wheel (package data), so a plain
 ``pip install .`` finds them as an editable install does."""
-Experiment = Literal["prompt", "postprocess", "reward"]
-EXPERIMENTS: tuple[Experiment, ...] = ("prompt", "postprocess", "reward")
+Experiment = Literal["prompt", "postprocess", "reward", "finetune"]
+EXPERIMENTS: tuple[Experiment, ...] = ("prompt", "postprocess", "reward", "finetune")
 
 
 class _Section(BaseModel):
@@ -80,7 +80,8 @@ class BackendConfig(_Section):
     name: Literal["frangi", "sa2va"] = "frangi"
     """Segmentation backend: frangi (CPU, classical, built in) or sa2va (the real model)."""
     model_path: str | None = None
-    """Sa2VA: local folder or hub id (a hub id needs ``revision``)."""
+    """Sa2VA: local folder or hub id (a hub id needs ``revision``). Frangi: an exported
+    fine-tuned head (``RUN/finetune/<trial>/model``), or None for the plain backend."""
     revision: str | None = None
     """Sa2VA: pinned 40-hex commit of a hub id."""
     model_size: Literal["1B", "4B", "8B", "26B"] | None = None
@@ -275,13 +276,46 @@ class RewardNetConfig(_Section):
     """Train on at most this many train-split images and validate on at most this many val
     images (None: the whole splits)."""
     seed: int = Field(0, ge=0)
+    soft_per_image: int = Field(6, ge=0)
+    """Of ``samples_per_image``, how many are perturbed soft masks (a prompt's soft mask with a
+    random logit shift and smooth noise, scored by its hard mask ``> 0.5``): what a fine-tuned
+    head outputs, so the reward net scores those honestly too. Taken from the post-processing
+    sequences' share."""
+
+
+class FinetuneConfig(_Section):
+    """The ``finetune`` experiment: the backend's mask head fine-tuned on the training images,
+    against the reward net (``reward_finetune``, no labels) or the labels
+    (``supervised_finetune``, the reference)."""
+
+    method: Literal["reward_gradient", "policy_gradient"] = "reward_gradient"
+    """How ``reward_finetune`` follows the reward net: its gradient through the soft mask, or
+    per-pixel REINFORCE on sampled hard masks (RL4Seg's kind of update)."""
+    steps: int = Field(40, ge=1)
+    """Optimiser steps."""
+    batch_images: int = Field(8, ge=1)
+    """Training images per step."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """Adam learning rate."""
+    kl_weight: float = Field(1.0, ge=0)
+    """``reward_finetune``: weight of the mean per-pixel KL(head || initial head)."""
+    pg_samples: int = Field(4, ge=2)
+    """``policy_gradient``: hard masks sampled per image (their mean score is the baseline)."""
+    eval_every: int = Field(10, ge=1)
+    """Steps between evaluations on the val images (the reward-hacking curve); the head kept is
+    the evaluation with the best reward-net score (reward_finetune: no labels) or val Dice
+    (supervised_finetune)."""
+    max_images: int | None = Field(None, ge=1)
+    """At most this many train images to train on and val images to select with (None: all)."""
+    seed: int = Field(0, ge=0)
 
 
 class RunConfig(_Section):
     mode: str = "custom"
     """Name shown in reports (smoke, quick, full)."""
     experiments: tuple[Experiment, ...] = EXPERIMENTS
-    """Which experiments to run."""
+    """Which experiments to run. Default: all, except ``finetune`` where the backend has no
+    fine-tunable head here (:func:`finetune_supported`)."""
     data: DataConfig = DataConfig()
     backend: BackendConfig = BackendConfig()
     gpu: GpuConfig = GpuConfig()
@@ -289,9 +323,36 @@ class RunConfig(_Section):
     env: EnvConfig = EnvConfig()
     ppo: PpoConfig = PpoConfig()
     reward_net: RewardNetConfig = RewardNetConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     mask_ops: dict[str, Any] = Field(default_factory=dict)
     """Post-processing operations and their parameters: keys of ``envs.mask_ops.MaskOpsConfig``
     (e.g. ``ops``, ``close_kernel``, ``threshold_step``); empty: its defaults."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_experiments(cls, values: Any) -> Any:
+        if not isinstance(values, dict) or "experiments" in values:
+            return values
+        backend = values.get("backend") or {}
+        if isinstance(backend, dict) and finetune_supported(
+            backend.get("name", "frangi"), backend.get("model_path")
+        ):
+            return values
+        return {**values, "experiments": [e for e in EXPERIMENTS if e != "finetune"]}
+
+    @model_validator(mode="after")
+    def _finetune_has_a_head(self) -> RunConfig:
+        backend = self.backend
+        if "finetune" in self.experiments and not finetune_supported(
+            backend.name, backend.model_path
+        ):
+            raise ValueError(
+                "the finetune experiment fine-tunes the plain Frangi backend's mask head "
+                f"(backend.name frangi, no backend.model_path); this run's backend is "
+                f"{backend.name} with model_path {backend.model_path!r}: leave finetune out "
+                "of experiments"
+            )
+        return self
 
     @model_validator(mode="after")
     def _mask_ops_valid(self) -> RunConfig:
@@ -302,6 +363,12 @@ class RunConfig(_Section):
         except UserError as err:
             raise ValueError(f"mask_ops: {err}") from None
         return self
+
+
+def finetune_supported(backend: str, model_path: str | None) -> bool:
+    """Whether the ``finetune`` experiment can run on this backend: the plain Frangi backend
+    (the Sa2VA head, ``models/sa2va/head.py``, is not wired into the trials yet)."""
+    return backend == "frangi" and model_path is None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -1,23 +1,28 @@
 """The one registry of experiments and trials, and the typed spec a trial runs from.
 
-Three experiments, five trials (experiment 3 has two steps; ``combined`` is experiment 2
-trained on experiment 1's masks):
+Four experiments, seven trials (experiment 3 has two steps; ``combined`` is experiment 2
+trained on experiment 1's masks; ``finetune`` uses experiment 3's step 1):
 
-=============  =================  =====================================================
-trial          experiment         what it does
-=============  =================  =====================================================
-prompt         1 prompt           PPO over PromptSelection-v0 (reward: change of GT Dice)
-postprocess    2 post-processing  PPO over PostProcess-v0 (reward: change of GT Dice)
-reward_net     3 step 1           supervised training of the reward network
-reward_guided  3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of the
-                                  reward network's score), starts once step 1 is READY
-combined       2 post-processing  PPO over PostProcess-v0 starting from the mask of the
-                                  prompt the prompt policy chooses per image; starts once
-                                  the prompt trial of its seed is done (``after``)
-=============  =================  =====================================================
+===================  =================  ===============================================
+trial                experiment         what it does
+===================  =================  ===============================================
+prompt               1 prompt           PPO over PromptSelection-v0 (reward: change of
+                                        GT Dice)
+postprocess          2 post-processing  PPO over PostProcess-v0 (reward: change of GT Dice)
+reward_net           3 step 1           supervised training of the reward network
+reward_guided        3 step 2           PPO over RewardGuidedPrompt-v0 (reward: change of
+                                        the reward network's score), once step 1 is READY
+combined             2 post-processing  PPO over PostProcess-v0 starting from the mask of
+                                        the prompt the prompt policy chooses per image;
+                                        once the prompt trial of its seed is done
+reward_finetune      finetune           the backend's mask head fine-tuned to please the
+                                        reward net, no labels, once step 1 is READY
+supervised_finetune  finetune           the same head trained with the labels (reference)
+===================  =================  ===============================================
 
 A trial that depends on another names it in ``after``: it waits for that trial's READY and
-stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`).
+stops, with the reason, when it FAILED (:mod:`orchestrator.training.trial_status`); choosing
+it brings that trial into the run (:func:`trials_for`).
 
 Seeds: every PPO trial runs once per training seed (``ppo.seeds``); an *instance* is a trial at
 one seed index, named ``prompt`` (index 0) or ``prompt_seed1`` (:func:`instance_name`); its PPO
@@ -69,6 +74,8 @@ class Trial:
         trains_reward_net: it trains the run's reward network (step 1 of experiment 3).
         uses_gpu: it trains on a GPU when the plan leaves one for trials (reserves
             ``gpu_mem_mb``); the PPO trials sample and learn on the CPU.
+        head_objective: it fine-tunes the backend's mask head (:mod:`models.heads`) against
+            ``"reward"`` (the reward net, no labels) or ``"labels"``; ``None`` otherwise.
         after: the trial of the same run whose READY this one waits for before it needs its
             outputs (:func:`~orchestrator.training.trial_status.wait_for`), or ``None``; the
             trial runs only when that one does.
@@ -84,6 +91,7 @@ class Trial:
     needs_reward_net: bool = False
     trains_reward_net: bool = False
     uses_gpu: bool = False
+    head_objective: str | None = None
     after: str | None = None
     starts_from_after: bool = False
 
@@ -111,8 +119,35 @@ COMBINED = Trial(
     after=PROMPT.name,
     starts_from_after=True,
 )
-TRIALS: tuple[Trial, ...] = (PROMPT, POSTPROCESS, REWARD_NET, REWARD_GUIDED, COMBINED)
-"""Every trial, in launch order (reward_net before reward_guided, prompt before combined)."""
+REWARD_FINETUNE = Trial(
+    "reward_finetune",
+    "finetune",
+    method="reward_finetune",
+    needs_reward_net=True,
+    uses_gpu=True,
+    head_objective="reward",
+    after=REWARD_NET.name,
+)
+SUPERVISED_FINETUNE = Trial(
+    "supervised_finetune",
+    "finetune",
+    method="supervised_finetune",
+    uses_gpu=True,
+    head_objective="labels",
+)
+TRIALS: tuple[Trial, ...] = (
+    PROMPT,
+    POSTPROCESS,
+    REWARD_NET,
+    REWARD_GUIDED,
+    COMBINED,
+    REWARD_FINETUNE,
+    SUPERVISED_FINETUNE,
+)
+"""Every trial, in launch order (reward_net before the trials that need it)."""
+HEAD_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.head_objective)
+HEAD_METHODS: tuple[str, ...] = tuple(t.method for t in HEAD_TRIALS if t.method)
+"""Evaluation methods that come from a fine-tuned mask head."""
 PPO_TRIALS: tuple[Trial, ...] = tuple(t for t in TRIALS if t.is_ppo)
 RL_METHODS: tuple[str, ...] = tuple(t.method for t in PPO_TRIALS if t.method)
 """Evaluation methods that come from a trained policy."""
@@ -159,20 +194,26 @@ def instance_names(config: RunConfig) -> list[str]:
 
 def _included(spec: Trial, experiments: Sequence[str]) -> bool:
     return spec.experiment in experiments and (
-        spec.after is None or _BY_NAME[spec.after].experiment in experiments
+        not spec.starts_from_after or _BY_NAME[str(spec.after)].experiment in experiments
     )
 
 
 def trials_for(config: RunConfig) -> list[Trial]:
-    """The trials a config asks for, in launch order (reward_net before reward_guided); a
-    trial with ``after`` only with the experiment of the trial it waits for."""
-    return [t for t in TRIALS if _included(t, config.experiments)]
+    """The trials a config asks for, in launch order (a trial before those that wait for it):
+    a trial that starts from another's policy only with that trial's experiment; a trial
+    another one waits for comes with it."""
+    return _with_awaited([t for t in TRIALS if _included(t, config.experiments)])
 
 
 def trials_of_experiment(experiment: str) -> list[Trial]:
-    """The trials of one experiment (``prompt``, ``postprocess`` or ``reward``) that need no
-    other experiment's trial, in order."""
-    return [t for t in TRIALS if _included(t, (experiment,))]
+    """The trials of one experiment (``prompt``, ``postprocess``, ``reward`` or ``finetune``)
+    that need no other experiment's policy, and those they wait for (``after``), in order."""
+    return _with_awaited([t for t in TRIALS if _included(t, (experiment,))])
+
+
+def _with_awaited(chosen: list[Trial]) -> list[Trial]:
+    awaited = {t.after for t in chosen if t.after}
+    return [t for t in TRIALS if t in chosen or t.name in awaited]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,11 @@ REWARD_NET_VAL_SPEARMAN = "reward_net/val_spearman"
 REWARD_NET_MEAN_PREDICTOR_MAE = "reward_net/mean_predictor_mae"
 REWARD_NET_EPOCH = "reward_net/epoch"
 
+# --- mask-head fine-tuning trials (reward_finetune, supervised_finetune) -----------------------
+# They also log REWARD_NET_SCORE and GT_DICE (val images; GT Dice as a reference only).
+FINETUNE_STEP = "finetune/step"
+FINETUNE_LOSS = "finetune/loss"
+
 # --- evaluation on the test split -----------------------------------------------------------------
 EVAL_DICE = "eval/dice"
 EVAL_RECALL = "eval/recall"

@@ -184,7 +184,12 @@ def backend_spec(config: RunConfig) -> tuple[str, dict[str, Any]]:
     """The backend name and constructor options the workers build."""
     backend = config.backend
     if backend.name == "frangi":
-        return "frangi", {}
+        if backend.model_path is None:
+            return "frangi", {}
+        from models.frangi_head import load_head
+
+        load_head(backend.model_path)  # a wrong folder is refused before Ray starts
+        return "frangi", {"head_path": str(Path(backend.model_path).expanduser().resolve())}
     if backend.model_path is None:
         raise UserError(
             "backend sa2va needs a model: pass --model-path (a local folder, e.g. from "
@@ -532,10 +537,16 @@ def run(options: RunOptions) -> int:
             )
             trials = tuning.outcomes(grid)
         with clock.stage("evaluate", "evaluation on the test split"):
-            from orchestrator.evaluation.stage import best_policy_paths, evaluate_run
+            from orchestrator.evaluation.stage import best_policy_paths, evaluate_run, head_models
 
             evaluate_run(
-                config, paths, prepared, client, best_policy_paths(trials), ray.get(references)
+                config,
+                paths,
+                prepared,
+                client,
+                best_policy_paths(trials),
+                ray.get(references),
+                head_models(paths, trials),
             )
         with clock.stage("report", "summary and report"):
             from orchestrator.report import summary as report

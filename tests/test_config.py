@@ -30,7 +30,7 @@ def test_variants_compose_base() -> None:
         ppo = cfg.ppo
         assert (ppo.lr, ppo.gamma, ppo.gae_lambda, ppo.clip_param) == (3e-4, 0.99, 0.95, 0.2)
         assert (ppo.entropy_coeff, ppo.vf_loss_coeff, ppo.hidden) == (0.01, 0.5, (128, 64))
-        assert cfg.experiments == ("prompt", "postprocess", "reward")
+        assert cfg.experiments == ("prompt", "postprocess", "reward", "finetune")
     # smoke overrides the minibatch; quick and full keep the original 64.
     assert (smoke.ppo.minibatch_size, quick.ppo.minibatch_size) == (16, 64)
 
@@ -63,7 +63,7 @@ def test_errors_name_every_bad_key() -> None:
         ({"env": {"episode_steps": {"prompt": 0}}}, "episode_steps must be between 1 and 50"),
         (
             {"env": {"episode_steps": {"dance": 1}}},
-            "got 'dance', allowed: 'prompt', 'postprocess' or 'reward'",
+            "got 'dance', allowed: 'prompt', 'postprocess', 'reward' or 'finetune'",
         ),
     ],
 )

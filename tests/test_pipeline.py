@@ -21,7 +21,15 @@ from orchestrator import metric_keys as mk
 from orchestrator.cli import main
 from orchestrator.run_dir import RunPaths
 
-TRIALS = {"prompt", "postprocess", "reward_net", "reward_guided", "combined"}
+TRIALS = {
+    "prompt",
+    "postprocess",
+    "reward_net",
+    "reward_guided",
+    "combined",
+    "reward_finetune",
+    "supervised_finetune",
+}
 PPO_TRIALS = {"prompt", "postprocess", "reward_guided", "combined"}
 
 
@@ -52,7 +60,14 @@ def test_smoke_run_finishes_with_all_trials_terminated(smoke_run: SmokeRun) -> N
     assert summary["mode"] == "smoke" and summary["backend"] == "frangi"
     assert summary["trials"] == {t: "TERMINATED" for t in TRIALS}
     assert summary["splits"] == {"train": 8, "val": 8, "test": 8}
-    assert set(summary["methods"]) >= {"baseline", "prompt_rl", "postprocess_rl", "reward_rl"}
+    assert set(summary["methods"]) >= {
+        "baseline",
+        "prompt_rl",
+        "postprocess_rl",
+        "reward_rl",
+        "reward_finetune",
+        "supervised_finetune",
+    }
     for method in summary["methods"].values():
         assert method["n"] == 6  # max_eval_images of smoke.yaml
         assert {"dice", "recall", "precision", "iou"} <= set(method)
@@ -85,6 +100,29 @@ def test_tensorboard_files_have_the_original_tags(smoke_run: SmokeRun) -> None:
         *(read_scalar_tags(f) for f in dirs["reward_net"].glob("events.out.tfevents.*"))
     )
     assert mk.REWARD_NET_VAL_MAE in net
+    for trial in ("reward_finetune", "supervised_finetune"):
+        tags = set().union(
+            *(read_scalar_tags(f) for f in dirs[trial].glob("events.out.tfevents.*"))
+        )
+        assert {mk.GT_DICE, mk.FINETUNE_LOSS} <= tags, trial
+    # The reward-net score of the supervised head needs a reward net ready when it starts.
+    finetuned = set().union(
+        *(read_scalar_tags(f) for f in dirs["reward_finetune"].glob("events.out.tfevents.*"))
+    )
+    assert mk.REWARD_NET_SCORE in finetuned
+
+
+def test_fine_tuned_heads_are_exported_and_reported(smoke_run: SmokeRun) -> None:
+    root = smoke_run.root
+    history = json.loads((root / "finetune/reward_finetune/history.json").read_text())
+    assert [p["step"] for p in history["points"]] == [0, 2, 4]
+    assert history["method"] == "reward_gradient" and history["train_images"] == 8
+    provenance = json.loads((root / "finetune/reward_finetune/model/provenance.json").read_text())
+    assert provenance["reward_net"] == str(RunPaths(root).reward_net)
+    assert provenance["selected_step"] == history["selected_step"]
+    report = (root / "report.md").read_text()
+    assert "## Fine-tuning the mask head (reward net vs labels)" in report
+    assert "### Reward hacking: reward-net score vs ground-truth Dice along training" in report
 
 
 def test_tune_can_restore_and_result_grid_loads(smoke_run: SmokeRun) -> None:

@@ -313,7 +313,15 @@ def test_tune_results_compare_eval_metrics_of_every_ppo_experiment(
 
     grid = tune.ResultGrid(tune.ExperimentAnalysis(str(run.tune_dir)))
     df = grid.get_dataframe().set_index("config/trial")
-    assert sorted(df.index) == ["combined", "postprocess", "prompt", "reward_guided", "reward_net"]
+    assert sorted(df.index) == [
+        "combined",
+        "postprocess",
+        "prompt",
+        "reward_finetune",
+        "reward_guided",
+        "reward_net",
+        "supervised_finetune",
+    ]
     for trial, method in {
         "prompt": "prompt_rl",
         "postprocess": "postprocess_rl",

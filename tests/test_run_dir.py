@@ -9,6 +9,7 @@ import pytest
 from envs.sources import DataRef
 from orchestrator.config import CONFIG_DIR, EXPERIMENTS, load_config
 from orchestrator.experiments import (
+    HEAD_METHODS,
     PPO_TRIALS,
     RL_METHODS,
     TRIALS,
@@ -58,14 +59,22 @@ def test_registry_names_every_trial_once_in_launch_order() -> None:
         "reward_net",
         "reward_guided",
         "combined",
+        "reward_finetune",
+        "supervised_finetune",
     ]
     assert [t.name for t in PPO_TRIALS] == ["prompt", "postprocess", "reward_guided", "combined"]
     assert RL_METHODS == ("prompt_rl", "postprocess_rl", "reward_rl", "combined")
-    assert [t.name for t in TRIALS if t.uses_gpu] == ["reward_net"]
-    assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided"]
+    assert HEAD_METHODS == ("reward_finetune", "supervised_finetune")
+    assert [t.name for t in TRIALS if t.uses_gpu] == [
+        "reward_net",
+        "reward_finetune",
+        "supervised_finetune",
+    ]
+    assert [t.name for t in TRIALS if t.needs_reward_net] == ["reward_guided", "reward_finetune"]
     assert {t.name: t.after for t in TRIALS if t.after} == {
         "reward_guided": "reward_net",
         "combined": "prompt",
+        "reward_finetune": "reward_net",
     }
     # Only the combined trial starts from another's policy (reward_guided only waits).
     assert [t.name for t in TRIALS if t.starts_from_after] == ["combined"]

@@ -18,6 +18,7 @@ Examples:
   sa2va-rl run --config tune_configs/full.yaml --data data/angio --backend sa2va \\
       --model-path ./Sa2VA-4B --output runs/full
   sa2va-rl run --output runs/full --resume               # continue an interrupted run
+  sa2va-rl run --experiment finetune --output runs/ft    # the reward net, then the mask head
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=~/.ray/auth_token   # the cluster's token
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
       sa2va-rl run --address auto --config tune_configs/quick.yaml --output /shared/runs/q
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.commands.words import CONFIG_WORDS
+from orchestrator.config import EXPERIMENTS
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import RunOptions
@@ -54,6 +56,15 @@ def register(subparsers: Any) -> None:
         help="run the three experiments on shared workers, evaluate, report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        choices=EXPERIMENTS,
+        dest="experiments",
+        metavar="NAME",
+        help=f"run only this experiment (repeat for more; {', '.join(EXPERIMENTS)}); default: "
+        "the config's `experiments`",
     )
     add_run_arguments(parser)
     parser.set_defaults(func=run)
@@ -81,7 +92,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-path",
         metavar="P",
-        help="Sa2VA weights: a local folder (or a hub id with backend.revision pinned)",
+        help="Sa2VA weights: a local folder (or a hub id with backend.revision pinned); "
+        "Frangi: a fine-tuned head folder (RUN/finetune/<trial>/model)",
     )
     parser.add_argument(
         "--output",
@@ -132,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.pipeline import default_output
     from orchestrator.pipeline import run as run_pipeline
 
-    options = run_options(args)
+    chosen = tuple(dict.fromkeys(args.experiments)) if args.experiments else None
+    options = run_options(args, experiments=chosen)
     try:
         return run_pipeline(options)
     except Exception as err:

@@ -13,7 +13,8 @@ steps), in about a minute per trial on 2 cores.
 
 Without ``--local`` the experiment runs through the whole ``run`` pipeline (Ray workers, Tune,
 evaluation, report) with ``experiments: [NAME]``. Experiments: prompt (1), postprocess (2),
-reward (3: the reward net, then the reward-guided PPO).
+reward (3: the reward net, then the reward-guided PPO), finetune (the reward net, then the mask
+head fine-tuned against it without labels, and the same head trained with labels).
 Exit codes: 0 done, 1 a trial failed, 2 bad input.
 """
 

@@ -10,6 +10,8 @@ Methods (each yields one final mask per test image):
 - ``postprocess_rl``: the greedy post-processing policy on the baseline mask, until ``stop``.
 - ``combined``: the prompt policy's final prompt, then the post-processing policy trained on the
   prompt policy's masks (the ``combined`` trial) on its mask.
+- ``reward_finetune`` / ``supervised_finetune``: the default prompt through the mask head
+  fine-tuned against the reward net (no labels) / with the labels.
 - ``bandit_prompt``, ``supervised_prompt``, ``supervised_ops``, ``best_fixed_ops``: the learners
   a reviewer compares RL with (:mod:`~orchestrator.evaluation.baselines`).
 - ``oracle_prompt``: the best prompt per image by ground truth (a ceiling for prompt choice).
@@ -48,7 +50,7 @@ from orchestrator.config import RunConfig
 from orchestrator.evaluation.examples import example_mask_path, pick_examples, write_mask_png
 from orchestrator.evaluation.oracles import oracle_postprocess_mask
 from orchestrator.evaluation.per_image import ImageResult
-from orchestrator.experiments import RL_METHODS
+from orchestrator.experiments import HEAD_METHODS, RL_METHODS
 
 BASELINE_METHODS = ("bandit_prompt", "supervised_prompt", "supervised_ops", "best_fixed_ops")
 """The non-RL learners every RL method is compared with (see :mod:`.baselines`)."""
@@ -59,6 +61,7 @@ METHODS = (
     "best_fixed_prompt",
     *BASELINE_METHODS,
     *RL_METHODS,
+    *HEAD_METHODS,
     "oracle_prompt",
     "oracle_postprocess",
 )

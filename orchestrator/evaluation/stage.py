@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from envs.segmentation_env import SegmentationEnv
 from envs.sources import load_split
+from models.frangi_head import load_head_segmenter
 from models.reward_net import RewardScorer, load_checkpoint
 from models.segmentation import Segmenter
 from orchestrator.config import RunConfig
@@ -62,6 +63,22 @@ def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
     return found
 
 
+def head_models(paths: RunPaths, outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
+    """Fine-tuning trial -> its exported head folder, for those that finished with one."""
+    from orchestrator.training.finetune import model_dir
+
+    found = {}
+    for outcome in outcomes:
+        folder = model_dir(paths, outcome.name)
+        if (
+            trial(outcome.name).head_objective
+            and outcome.status == "TERMINATED"
+            and folder.is_dir()
+        ):
+            found[outcome.name] = folder
+    return found
+
+
 def evaluate_run(
     config: RunConfig,
     paths: RunPaths,
@@ -69,13 +86,16 @@ def evaluate_run(
     segmenter: SegmentationClient,
     policy_files: dict[str, Path],
     references: ReferenceResults | None = None,
+    head_folders: dict[str, Path] | None = None,
 ) -> list[ImageResult]:
     """Every method on the test split, on the val split but the oracles, and the learned ones on
     the training images too; writes ``eval/per_image.csv``, ``eval/val_per_image.csv``,
     ``eval/train_per_image.csv`` and the example masks. ``policy_files``: PPO trial instance ->
     its exported best policy (see :func:`best_policy_paths`).
     ``references``: the policy-free methods if already evaluated (the run computes them while
-    the trials train, :mod:`orchestrator.evaluation.references`); computed here otherwise."""
+    the trials train, :mod:`orchestrator.evaluation.references`); computed here otherwise.
+    ``head_folders``: fine-tuning trial -> its exported head (see :func:`head_models`), each
+    evaluated on the default prompt through its own segmenter (its own backend id)."""
     from orchestrator.training.ppo import ExportedPolicy
 
     during = "" if references is None else " (while the trials trained)"
@@ -94,8 +114,12 @@ def evaluate_run(
             backend_id=segmenter.backend_id,
             manifest_hash=prepared.manifest_hash,
         )
+    heads: dict[str, Segmenter] = {
+        name: load_head_segmenter(folder, segmenter)
+        for name, folder in (head_folders or {}).items()
+    }
     setup = _Setup(
-        config, segmenter, policies, references.learners, references.fixed_prompt, scorer
+        config, segmenter, policies, references.learners, references.fixed_prompt, scorer, heads
     )
     fitted = references.seconds[FIT_LEARNERS]
     print(f"  {FIT_LEARNERS:20s} {len(train)} train images in {fitted:.1f} s{during}", flush=True)
@@ -149,6 +173,20 @@ class _Setup:
     learners: Learners
     fixed_prompt: str
     scorer: RewardScorer | None
+    heads: dict[str, Segmenter]
+
+
+def _head_step(
+    on_head: Evaluator, evaluator: Evaluator, method: str, prompt: str
+) -> Callable[[], list[ImageResult]]:
+    """The head's default-prompt masks, saved as examples where ``evaluator`` (whose baseline
+    picked them) keeps them."""
+
+    def compute() -> list[ImageResult]:
+        on_head.keep_ids = evaluator.keep_ids
+        return on_head.fixed_prompt(method, prompt)
+
+    return compute
 
 
 def _evaluate_split(
@@ -173,6 +211,11 @@ def _evaluate_split(
         *learner_steps(setup.learners, config, evaluator, segmenter),
     ]
     steps += policy_steps(policies, envs, evaluator)
+    for t, head in setup.heads.items():
+        method = trial(t).method
+        assert method is not None, "a fine-tuning trial has an evaluation method"
+        on_head = dataclasses.replace(evaluator, segmenter=head)
+        steps.append((method, _head_step(on_head, evaluator, method, config.env.default_prompt)))
     if split == "test":
         steps += [
             ("oracle_prompt", evaluator.oracle_prompt),

@@ -18,7 +18,7 @@ from orchestrator.evaluation.statistics import (
     verdict,
 )
 from orchestrator.experiments import PPO_TRIALS, RL_METHODS
-from orchestrator.report import learning
+from orchestrator.report import finetune, learning
 from orchestrator.report.record import RunRecord
 
 TARGET = {"dice": 0.85, "recall": 0.85}
@@ -53,6 +53,7 @@ def render_report(
         _goal(summaries),
         _ceilings(summaries),
         learning.render(record.config, summaries, record.train_rows, record.rows),
+        finetune.render(record, summaries),
         _reward_net_section(record),
         _trials_section(record),
         _tune_snippet(),

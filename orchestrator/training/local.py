@@ -59,6 +59,7 @@ class LocalSink:
 def train_locally(options: RunOptions, experiment: str) -> list[TrialOutcome]:
     """Run every trial of ``experiment`` in this process; returns how each ended."""
     from orchestrator.pipeline import backend_spec, resolve_config
+    from orchestrator.training.finetune import run_finetune
     from orchestrator.training.loop import train_ppo
     from orchestrator.training.reward_net import train_run_reward_net
 
@@ -84,6 +85,8 @@ def train_locally(options: RunOptions, experiment: str) -> list[TrialOutcome]:
         with reporting(spec):
             if trial.trains_reward_net:
                 train_run_reward_net(spec, client, sink)
+            elif trial.head_objective:
+                run_finetune(spec, client, sink)
             else:
                 train_ppo(spec, client, sink, local=True)
         print(f"  trial {trial.name}: {_brief(sink.last)}", flush=True)

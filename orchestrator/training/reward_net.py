@@ -40,7 +40,8 @@ def examples_for(
     segmenter: Segmenter,
     on_image: Callable[[int], None] | None = None,
 ) -> list[RewardExample]:
-    """Scored masks of ``samples`` (every prompt and post-processing sequences of the config)."""
+    """Scored masks of ``samples`` (every prompt, post-processing sequences of the config and
+    perturbed soft masks, ``reward_net.soft_per_image``)."""
     cfg = config.reward_net
     return build_examples(
         samples,
@@ -51,6 +52,7 @@ def examples_for(
         seed=cfg.seed,
         ops=MaskOpsConfig.from_dict(dict(config.mask_ops)),
         on_image=on_image,
+        soft=cfg.soft_per_image,
     )
 
 

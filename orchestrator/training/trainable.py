@@ -6,7 +6,8 @@ it in ``params.json``). Environments reach the models only through a
 the run id when the trial starts. PPO trials
 (:func:`~orchestrator.training.loop.train_ppo`) report every iteration with a checkpoint (RLlib
 state for resuming plus ``best_policy.pt``) and resume from Tune's checkpoint after a failure or
-``--resume``; the reward-net trial reports one result per epoch. Every trial says RUNNING and
+``--resume``; the reward-net trial reports one result per epoch; the mask-head fine-tuning
+trials (:mod:`~orchestrator.training.finetune`) one per evaluation. Every trial says RUNNING and
 READY on its run's status board (:func:`~orchestrator.training.trial_status.reporting`); a PPO
 trial another one trains after (the registry's ``after``) hands its best policy off first
 (:mod:`orchestrator.training.handoff`).
@@ -24,6 +25,7 @@ from ray import tune
 from orchestrator.experiments import TrialSpec, hands_off
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.run_dir import BEST_POLICY_FILE
+from orchestrator.training.finetune import run_finetune
 from orchestrator.training.handoff import hand_off
 from orchestrator.training.loop import train_ppo
 from orchestrator.training.priority import yield_to_reward_chain
@@ -62,6 +64,9 @@ def run_trial(param: dict[str, Any]) -> None:
             train_run_reward_net(spec, client, TuneSink())
             return
         yield_to_reward_chain(spec.trial, spec.run)
+        if spec.trial.head_objective:
+            run_finetune(spec, client, TuneSink())
+            return
         sink = TuneSink()
         train_ppo(spec, client, sink)
         if hands_off(spec.trial):
