@@ -224,7 +224,7 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
                 options["model_path"],
                 options["revision"],
                 options["allow_unpinned_remote_code"],
-                device=options["device"] if local else None,
+                device=options["device"] if local or options["device"] == "cpu" else None,
                 environment=config.backend.runtime_env is None,
             )
         except UserError as err:

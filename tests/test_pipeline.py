@@ -207,7 +207,10 @@ def test_resume_refuses_flags_that_contradict_the_run(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert "--resume: the flags given contradict the config this run started with" in err
     assert f"data.path: this run has None, asked '{tmp_path / 'd'}'" in err
-    assert "experiments: this run has ['prompt', 'postprocess', 'reward'], asked ['prompt']" in err
+    assert (
+        "experiments: this run has ['prompt', 'postprocess', 'reward', 'finetune'], "
+        "asked ['prompt']"
+    ) in err
     assert main(["run", *resume, "--config", str(CONFIG_DIR / "quick.yaml")]) == 2
     assert "mode: this run has 'smoke', asked 'quick'" in capsys.readouterr().err
     # Where it runs may change, and one folder spelled another way is the same folder.

@@ -51,6 +51,8 @@ def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path
         "reward_net",
         "reward_guided",
         "combined",
+        "reward_finetune",
+        "supervised_finetune",
     ]
     assert instance_names(TWO_SEEDS) == [
         "prompt",
@@ -62,6 +64,8 @@ def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path
         "reward_guided_seed1",
         "combined",
         "combined_seed1",
+        "reward_finetune",  # the head fine-tuning trials are not seeded
+        "supervised_finetune",
     ]
     second = TrialSpec.from_param(_spec("prompt_seed1", tmp_path, TWO_SEEDS).to_param())
     assert (second.trial, second.seed, second.name) == (PROMPT, 1, "prompt_seed1")

@@ -36,6 +36,7 @@ import Ray.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shlex
@@ -74,6 +75,8 @@ SA2VA_MAX_TILES = 12
 SAM2_PARAMS_M = 224
 """SAM2 Hiera-L (224.4 M parameters), the mask decoder inside every Sa2VA."""
 BF16_BYTES = 2
+
+log = logging.getLogger(__name__)
 
 
 class PlanError(UserError):
@@ -542,6 +545,26 @@ def trial_resources(gpu_mem_mb: int, cpus: float = 1.0) -> dict[str, float]:
     """A Tune resource request (``tune.with_resources``) for a trial using ``gpu_mem_mb`` MB of
     the trial GPU; Tune keeps the trial PENDING until that much is unclaimed on one node."""
     return {"cpu": cpus, GPU_MEM_RESOURCE: float(gpu_mem_mb)}
+
+
+def trial_torch_device(gpu_mem_mb: int, environ: Mapping[str, str] = os.environ) -> str:
+    """Where a GPU-using trial trains: its node's trial GPU (:func:`trial_cuda_device`) when it
+    reserved ``gpu_mem_mb`` and this process has CUDA, else ``"cpu"`` (no reservation, no trial
+    GPU on the node, or GPUs Ray was told of that torch cannot use, e.g. a test cluster's fake
+    ones: logged, not an error)."""
+    if not gpu_mem_mb:
+        return "cpu"
+    device = trial_cuda_device(environ)
+    if device is None:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        log.warning(
+            "the plan gave this trial %s, but torch sees no CUDA: training on the CPU", device
+        )
+        return "cpu"
+    return device
 
 
 def trial_cuda_device(environ: Mapping[str, str] = os.environ) -> str | None:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.evaluation.statistics import Estimate, MethodSummary, verdict
+from orchestrator.evaluation.statistics import UNDETERMINED, Estimate, MethodSummary, verdict
 from orchestrator.experiments import HEAD_TRIALS, REWARD_FINETUNE, SUPERVISED_FINETUNE
 from orchestrator.report.record import RunRecord
 from orchestrator.training.finetune import HISTORY_FILE, trial_dir
@@ -91,7 +91,8 @@ def _verdict_lines(summaries: Mapping[str, MethodSummary]) -> list[str]:
         beats = {
             "better": "beats",
             "worse": "is worse than",
-            "no significant difference": ("does not significantly beat"),
+            "no significant difference": "does not significantly beat",
+            UNDETERMINED: "cannot be compared (one test video) with",
         }[verdict(dice)]
         lines.append(f"- reward_finetune **{beats}** the baseline on Dice ({dice.mean:+.3f}).")
     if supervised in summaries:

@@ -220,11 +220,9 @@ def _select(by_labels: bool) -> Any:
 
 
 def _device(spec: TrialSpec) -> str:
-    if not spec.gpu_mem_mb:
-        return "cpu"
-    from orchestrator.gpu.budget import trial_cuda_device
+    from orchestrator.gpu.budget import trial_torch_device
 
-    return trial_cuda_device() or "cpu"
+    return trial_torch_device(spec.gpu_mem_mb)
 
 
 def _provenance(spec: TrialSpec, cfg: Any, selected_step: int) -> dict[str, Any]:

@@ -103,11 +103,9 @@ def _train(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str,
         export_progress(spec.trial.name, {mk.REWARD_NET_VAL_MAE: val_mae})
         sink.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
 
-    device = "cpu"
-    if spec.gpu_mem_mb:
-        from orchestrator.gpu.budget import trial_cuda_device
+    from orchestrator.gpu.budget import trial_torch_device
 
-        device = trial_cuda_device() or "cpu"
+    device = trial_torch_device(spec.gpu_mem_mb)
     model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch, device=device)
     writer.close()
     inject_fault(paths.reward_net)
