@@ -12,8 +12,8 @@ from conftest import SmokeRun
 
 from orchestrator.config import parse_config
 from orchestrator.data import prepare_data
-from orchestrator.evaluation.stage import evaluate_run
-from orchestrator.experiments import PPO_TRIALS
+from orchestrator.evaluation.stage import evaluate_run, head_models
+from orchestrator.experiments import HEAD_TRIALS, PPO_TRIALS, TrialOutcome
 from orchestrator.inference.client import SegmentationClient
 from orchestrator.inference.worker import BackendSpec, SegmentationWorker
 from orchestrator.run_dir import BEST_POLICY_FILE, RunPaths
@@ -35,7 +35,10 @@ def test_references_during_training_equal_evaluating_them_after(
     policies = {
         t.name: next((copy / "tune").glob(f"{t.name}_*/{BEST_POLICY_FILE}")) for t in PPO_TRIALS
     }
-    evaluate_run(config, paths, prepared, client, policies)  # references=None: computed here
+    heads = head_models(paths, [TrialOutcome(t.name, "TERMINATED", None) for t in HEAD_TRIALS])
+    assert heads  # the smoke run fine-tunes both heads
+    # references=None: computed here
+    evaluate_run(config, paths, prepared, client, policies, head_folders=heads)
 
     run_eval, again = smoke_run.root / "eval", copy / "eval"
     assert (again / "per_image.csv").read_bytes() == (run_eval / "per_image.csv").read_bytes()
