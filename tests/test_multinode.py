@@ -57,8 +57,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def plan() -> gb.GpuPlan:
-    plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_sa2va(tmp_path_factory.mktemp("model") / "tiny_sa2va_v2")
+
+
+@pytest.fixture(scope="module")
+def plan(model: Path) -> gb.GpuPlan:
+    """The plan the run makes (sized from the tiny folder itself), which the nodes start with."""
+    config = load_config(
+        CONFIG_DIR / "smoke.yaml",
+        {"backend": {"name": "sa2va", "model_path": str(model), "device": "cpu"}},
+    )
+    footprint = pipeline.worker_footprint(config)
+    plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), footprint, 1024)
     assert [len(node.worker_gpus) for node in plan.nodes] == [2, 2]
     assert [slot.input_cap for slot in plan.workers] == [1024, 1024, 1024, 512]
     return plan
@@ -90,12 +101,13 @@ def cluster(plan: gb.GpuPlan) -> Iterator[tuple[Cluster, str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def sa2va_run(
-    cluster: tuple[Cluster, str, list[str]], tmp_path_factory: pytest.TempPathFactory
+    cluster: tuple[Cluster, str, list[str]],
+    model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, int]:
     """``sa2va-rl run`` of the smoke config with the tiny Sa2VA model, joining the cluster."""
     local, _dashboard, _nodes = cluster
     base = tmp_path_factory.mktemp("multinode")
-    model = write_tiny_sa2va(base / "tiny_sa2va_v2")
     config = base / "smoke-sa2va-cpu.yaml"
     config.write_text(
         yaml.safe_dump({"extends": str(CONFIG_DIR / "smoke.yaml"), "backend": {"device": "cpu"}})
