@@ -36,10 +36,12 @@ def make_segmenter(name: str, **options: Any) -> Segmenter:
     raise UserError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 
-def make_head_backend(segmenter: Segmenter) -> HeadBackend:
+def make_head_backend(segmenter: Segmenter, base: Segmenter | None = None) -> HeadBackend:
     """The fine-tuning view (:class:`~models.heads.HeadBackend`) of a loaded backend, built in
-    the process that holds the model: Sa2VA's frozen inputs come from hooks on the model, so a
-    Sa2VA head backend lives where the segmenter does (a worker), never behind a client.
+    the process that holds the model (a segmentation worker; a trial reaches it through
+    :class:`~orchestrator.inference.heads.WorkerHeadBackend`): Sa2VA's frozen inputs come from
+    hooks on the model itself. ``base``: for Frangi, the segmenter its soft masks are read from
+    (e.g. the worker's cache-backed one; default ``segmenter``).
 
     Raises:
         UserError: the backend has no head to fine-tune.
@@ -48,6 +50,10 @@ def make_head_backend(segmenter: Segmenter) -> HeadBackend:
 
     if isinstance(segmenter, HeadBackend):
         return segmenter
+    if segmenter.backend_id.startswith("frangi:"):
+        from models.frangi_head import FrangiHeadBackend
+
+        return FrangiHeadBackend(base if base is not None else segmenter)
     if segmenter.backend_id.startswith("sa2va:"):
         from models.sa2va.head import Sa2VAHeadBackend
         from models.sa2va.segmenter import Sa2VASegmenter
@@ -55,6 +61,6 @@ def make_head_backend(segmenter: Segmenter) -> HeadBackend:
         if isinstance(segmenter, Sa2VASegmenter):
             return Sa2VAHeadBackend(segmenter)
     raise UserError(
-        f"backend {segmenter.backend_id} has no trainable head here (a Sa2VA head needs the "
-        "loaded Sa2VASegmenter itself, not a client of the workers)"
+        f"backend {segmenter.backend_id} has no trainable head here: fine-tuning needs the "
+        "plain Frangi backend or a Sa2VA checkpoint loaded in this process"
     )

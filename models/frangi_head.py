@@ -104,6 +104,37 @@ class FrangiHead(nn.Module):
         shift = self.shift(hidden.mean(dim=(2, 3)))
         return base + residual[:, 0] + shift[:, :, None]
 
+    def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
+        """:func:`head_segmentation`."""
+        return head_segmentation(prob, inputs)
+
+    def export(self, folder: Path, provenance: Mapping[str, Any], base_backend_id: str) -> Path:
+        """Write ``head.pt``, ``frangi_head.json`` and ``provenance.json`` into ``folder``
+        (replaced whole: written beside it, then renamed); ``base_backend_id`` is the Frangi
+        backend the head was trained on (:func:`load_head_segmenter` checks it)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save(state, staging / WEIGHTS_FILE)
+        config = {
+            "format": HEAD_FORMAT,
+            "width": self.width,
+            "scale": self.scale,
+            "base_backend_id": base_backend_id,
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        document = {**provenance, "base_backend_id": base_backend_id}
+        (staging / PROVENANCE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            staging.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(folder)
+        return folder
+
 
 def stack_inputs(batch: Sequence[FrozenInputs]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grey, prob)`` of equally sized frozen inputs, stacked along a new first axis."""
@@ -165,32 +196,10 @@ class FrangiHeadBackend:
         return FrangiHead()
 
     def export(self, head: Any, folder: Path, provenance: Mapping[str, Any]) -> Path:
-        """Write ``head.pt``, ``frangi_head.json`` and ``provenance.json`` into ``folder``
-        (replaced whole: written beside it, then renamed)."""
+        """``head.export`` over this backend (:meth:`FrangiHead.export`)."""
         if not isinstance(head, FrangiHead):
             raise TypeError(f"expected a FrangiHead, got {type(head).__name__}")
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-        torch.save(state, staging / WEIGHTS_FILE)
-        config = {
-            "format": HEAD_FORMAT,
-            "width": head.width,
-            "scale": head.scale,
-            "base_backend_id": self.backend_id,
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        document = {**provenance, "base_backend_id": self.backend_id}
-        (staging / PROVENANCE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            staging.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(folder)
-        return folder
+        return head.export(folder, provenance, self.backend_id)
 
 
 class FrangiHeadSegmenter:

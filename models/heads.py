@@ -22,6 +22,7 @@ head trains.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from models.segmentation import Segmentation
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,22 @@ class FrozenInputs:
 
 @runtime_checkable
 class MaskHead(Protocol):
-    """A trainable head: ``head(inputs)`` -> float32 logits of shape ``inputs.size``."""
+    """A trainable head: ``head(inputs)`` -> float32 logits of shape ``inputs.size``.
+
+    A head also knows its backend's rule from soft mask to segmentation (``segmentation``) and
+    how to write itself as a model (``export``), so a process holding only the head (a trial)
+    can evaluate and export it."""
 
     def __call__(self, inputs: FrozenInputs) -> torch.Tensor: ...
+
+    def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
+        """The backend's segmentation of the head's soft mask ``prob`` (float32 HxW)."""
+        ...
+
+    def export(self, folder: Path, provenance: Mapping[str, Any], base_backend_id: str) -> Path:
+        """Write a model with this head's weights to ``folder`` (with ``provenance.json``),
+        one that ``--model-path`` / ``backend.model_path`` accepts; returns the folder."""
+        ...
 
     def parameters(self, recurse: bool = True) -> Any: ...
 
@@ -79,3 +95,57 @@ class HeadBackend(Protocol):
         """Write a model with ``head``'s weights to ``folder`` (with ``provenance.json``) that
         ``--model-path`` / ``backend.model_path`` accepts; returns the folder."""
         ...
+
+
+class HeadSegmenter:
+    """A :class:`~models.segmentation.Segmenter` that applies ``head`` to the frozen inputs
+    ``backend`` computes: the masks of the model ``head.export`` writes, without loading it.
+
+    ``backend_id`` is ``<base backend id>+head:<12 hex of the head's weights>``, so results of
+    different heads never share a cache entry or a report row.
+    """
+
+    def __init__(self, head: MaskHead, backend: HeadBackend) -> None:
+        self.head = head
+        self.backend = backend
+        self._backend_id = f"{backend.backend_id}+head:{state_digest(head)}"
+
+    @property
+    def backend_id(self) -> str:
+        return self._backend_id
+
+    def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
+        return self.segment_prompts(image, [prompt])[0]
+
+    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        """Every prompt's segmentation of ``image`` (one ``frozen_inputs`` call)."""
+        found = []
+        with torch.no_grad():
+            for inputs in self.backend.frozen_inputs(image, prompts):
+                prob = torch.sigmoid(self.head(inputs)).cpu().numpy().astype(np.float32)
+                found.append(self.head.segmentation(prob, inputs))
+        return found
+
+
+def state_digest(head: MaskHead) -> str:
+    """12 hex of the sha256 over the head's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(head.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def reuse_equal(
+    tensors: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` with each one equal to ``previous``'s tensor of the same name replaced by
+    that object: inputs that do not depend on the image (e.g. SAM2's positional encoding) are
+    then held once for all images, not once per image."""
+    shared = dict(tensors)
+    for name, tensor in shared.items():
+        before = previous.get(name)
+        if before is not None and before is not tensor and torch.equal(before, tensor):
+            shared[name] = before
+    return shared

@@ -347,10 +347,10 @@ class RunConfig(_Section):
             backend.name, backend.model_path
         ):
             raise ValueError(
-                "the finetune experiment fine-tunes the plain Frangi backend's mask head "
-                f"(backend.name frangi, no backend.model_path); this run's backend is "
-                f"{backend.name} with model_path {backend.model_path!r}: leave finetune out "
-                "of experiments"
+                "the finetune experiment fine-tunes a Sa2VA checkpoint's mask head or the plain "
+                "Frangi backend's (backend.name frangi without backend.model_path); this run's "
+                f"backend is {backend.name} with model_path {backend.model_path!r} (an exported "
+                "Frangi head): leave finetune out of experiments"
             )
         return self
 
@@ -366,9 +366,10 @@ class RunConfig(_Section):
 
 
 def finetune_supported(backend: str, model_path: str | None) -> bool:
-    """Whether the ``finetune`` experiment can run on this backend: the plain Frangi backend
-    (the Sa2VA head, ``models/sa2va/head.py``, is not wired into the trials yet)."""
-    return backend == "frangi" and model_path is None
+    """Whether the ``finetune`` experiment can run on this backend: any Sa2VA checkpoint
+    (``models/sa2va/head.py``) or the plain Frangi backend (an exported Frangi head is not
+    fine-tuned again)."""
+    return backend == "sa2va" or (backend == "frangi" and model_path is None)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

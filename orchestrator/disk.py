@@ -123,6 +123,10 @@ TRIAL_LOG_BYTES_PER_ITERATION = 20_000
 """``result.json``, ``progress.csv`` and TensorBoard events per PPO iteration (upper bound)."""
 REWARD_NET_BYTES = 5 * 10**6
 """``best_reward_net.pt``, its report and validation predictions (0.38 MB in the quick run)."""
+FRANGI_HEAD_EXPORT_BYTES = 10**6
+"""An exported Frangi head folder (its weights are ~30 KB)."""
+SA2VA_EXPORT_SLACK_BYTES = 50 * 10**6
+"""Beyond the weights, what a Sa2VA model folder holds (tokenizer, code, config, provenance)."""
 REPORT_BYTES = 10 * 10**6
 """``eval/`` (per-image CSVs, example overlays), ``plots/``, ``report.md``, ``summary.json``
 (1.9 MB in the quick run)."""
@@ -206,10 +210,12 @@ def run_needs(
     trials: int,
     iterations: int,
     reward_net: bool,
+    exports: tuple[int, int] = (0, 0),
 ) -> list[DiskNeed]:
     """What a run writes: cache entries for ``pairs`` (image, prompt) pairs of ``image_hw``
     images (pairs already cached cost nothing, so this is an upper bound), ``trials`` PPO
-    trials of ``iterations`` iterations, the reward net, the report."""
+    trials of ``iterations`` iterations, the reward net, the report, and ``exports``: (how
+    many fine-tuned models, bytes of each), written under ``finetune/``."""
     needs = [
         DiskNeed(f"cache entries, {pairs} pairs", cache_dir, pairs * cache_entry_bytes(*image_hw)),
         DiskNeed(
@@ -222,6 +228,11 @@ def run_needs(
     ]
     if reward_net:
         needs.append(DiskNeed("reward net", run_root / "reward_net", REWARD_NET_BYTES))
+    count, each = exports
+    if count:
+        needs.append(
+            DiskNeed(f"fine-tuned models, {count} exports", run_root / "finetune", count * each)
+        )
     return needs
 
 
@@ -241,7 +252,29 @@ def run_needs_of(
         len(trials),
         -(-config.ppo.total_env_steps // config.ppo.train_batch_size),
         any(t.trains_reward_net for t in trials),
+        (sum(1 for t in trials if t.head_objective), export_bytes(config)),
     )
+
+
+def export_bytes(config: RunConfig) -> int:
+    """Disk one fine-tuned model of ``config``'s backend takes: for Sa2VA a copy of the whole
+    checkpoint (its weight files, read from the folder, or the declared size's bf16 weights
+    where the folder cannot be read here), for Frangi a small head folder."""
+    if config.backend.name != "sa2va":
+        return FRANGI_HEAD_EXPORT_BYTES
+    from models.sa2va.checkpoint_size import read_model_weights
+    from orchestrator.gpu import budget as gb
+
+    weights = None
+    if config.backend.model_path:
+        try:
+            weights = read_model_weights(config.backend.model_path, config.backend.revision)
+        except UserError:
+            weights = None
+    if weights is not None:
+        return weights.disk_bytes + SA2VA_EXPORT_SLACK_BYTES
+    size = (config.backend.model_size or "4B").lower()
+    return gb.FOOTPRINTS[f"sa2va-{size}"].weights_mb * 2**20 + SA2VA_EXPORT_SLACK_BYTES
 
 
 def plan_before_run(config: RunConfig, paths: RunPaths) -> DiskPlan:

@@ -40,10 +40,17 @@ from models.reward_net import RewardNet, image_channel
 from models.segmentation import Segmentation
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.experiments import TrialSpec, trial, trials_for, trials_of_experiment
+from orchestrator.inference.client import SegmentationClient
+from orchestrator.inference.worker import BackendSpec, SegmentationWorker
 from orchestrator.run_id import new_run_id
 from orchestrator.training import trial_status as status
 from orchestrator.training.finetune import head_examples, run_finetune
 from orchestrator.training.local import LocalSink
+
+
+def frangi_client() -> SegmentationClient:
+    """The run's client over one in-process Frangi worker (memory cache only)."""
+    return SegmentationClient.in_process([SegmentationWorker("w0", BackendSpec("frangi"))])
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +184,10 @@ def test_the_finetune_experiment_brings_the_reward_net_trial() -> None:
         "supervised_finetune",
     ]
     sa2va = load_config(CONFIG_DIR / "smoke.yaml", {"backend": {"name": "sa2va"}})
-    assert "finetune" not in sa2va.experiments  # no head wired for it: left out by default
-    with pytest.raises(UserError, match="finetune experiment fine-tunes the plain Frangi"):
+    assert "finetune" in sa2va.experiments  # a Sa2VA checkpoint has a head to fine-tune
+    exported = load_config(CONFIG_DIR / "smoke.yaml", {"backend": {"model_path": "/x"}})
+    assert "finetune" not in exported.experiments  # an exported Frangi head: left out
+    with pytest.raises(UserError, match="with model_path '/x' \\(an exported Frangi head\\)"):
         load_config(
             CONFIG_DIR / "smoke.yaml",
             {"experiments": ["finetune"], "backend": {"model_path": "/x"}},
@@ -197,7 +206,7 @@ def test_reward_finetuning_waits_for_the_reward_net_and_fails_with_it(tmp_path: 
 
     def finetune() -> None:
         try:
-            run_finetune(spec, FrangiSegmenter(), LocalSink(tmp_path / "ft"))
+            run_finetune(spec, frangi_client(), LocalSink(tmp_path / "ft"))
         except UserError as err:
             outcome["error"] = str(err)
 
@@ -278,3 +287,26 @@ def test_the_hacking_panel_says_so_when_score_and_dice_move_apart() -> None:
     )
     honest = [point(0, 0.7, 0.7), point(10, 0.72, 0.71), point(20, 0.69, 0.68)]
     assert _hacking_verdict(honest).startswith("No divergence")
+
+
+def test_the_workers_compute_frozen_inputs_from_their_cache(image: np.ndarray) -> None:
+    from models.frangi_head import FrangiHead
+    from orchestrator.inference.heads import WorkerHeadBackend
+
+    worker = SegmentationWorker("w0", BackendSpec("frangi"))
+    backend = WorkerHeadBackend(SegmentationClient.in_process([worker]))
+    prompt = CANDIDATE_PROMPTS[0]
+    (served,) = backend.frozen_inputs(image, [prompt])
+    (direct,) = FrangiHeadBackend().frozen_inputs(image, [prompt])
+    assert served.size == direct.size and dict(served.meta) == dict(direct.meta)
+    for name in ("grey", "suppressed"):
+        assert torch.equal(served.tensors[name], direct.tensors[name]), name
+    # The soft mask is the cache's: quantised to 8 bits (half a step at most from Frangi's own).
+    cached = worker.segment(image, prompt).prob
+    assert np.array_equal(served.tensors["prob"].numpy(), cached)
+    gap = (served.tensors["prob"] - direct.tensors["prob"]).abs().max()
+    assert 0 < float(gap) <= 0.5 / 255 + 1e-7
+    (again,) = backend.frozen_inputs(image, [prompt])
+    assert worker.stats()["forward_passes"] == 1  # the second image's soft mask: from the cache
+    assert torch.equal(again.tensors["grey"], served.tensors["grey"])
+    assert isinstance(backend.initial_head(), FrangiHead)

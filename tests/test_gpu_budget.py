@@ -116,8 +116,10 @@ def test_sa2va_footprints_from_parameter_counts() -> None:
         "sa2va-8b": (8299, 15830, 17878, 19030),
         "sa2va-26b": (25738, 49092, 52164, 54468),
         "reward-net-train": (None, 512, 1024, 1024),
+        "sa2va-head-train": (None, 768, 2048, 2048),
     }
     assert gb.REWARD_NET_TRAIN_MB == 1024
+    assert gb.SA2VA_HEAD_TRAIN_MB == 2048
     assert not gb.FOOTPRINTS["frangi"].needs_gpu
 
 
@@ -451,15 +453,21 @@ def test_only_gpu_trials_reserve_memory_and_the_refusal_comes_in_stage_3() -> No
     from orchestrator.config import CONFIG_DIR, load_config
     from orchestrator.training.tuner import resources_for, trial_gpu_mem_mb
 
-    config = load_config(CONFIG_DIR / "smoke.yaml", {"backend": {"name": "sa2va"}})
+    sa2va = {"name": "sa2va"}
+    config = load_config(CONFIG_DIR / "smoke.yaml", {"backend": sa2va, "experiments": ["reward"]})
     roomy = gb.build_plan(gpu_inventory.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
     assert trial_gpu_mem_mb(config, roomy) == gb.REWARD_NET_TRAIN_MB == 1024
     assert trial_gpu_mem_mb(config, None) == 0  # the CPU backend: nothing to reserve
+    # Fine-tuning Sa2VA's head: every GPU-using trial reserves the larger footprint.
+    everything = load_config(CONFIG_DIR / "smoke.yaml", {"backend": sa2va})
+    assert trial_gpu_mem_mb(everything, roomy) == gb.SA2VA_HEAD_TRAIN_MB == 2048
     no_reward = load_config(CONFIG_DIR / "smoke.yaml", {"experiments": ["prompt"]})
     assert trial_gpu_mem_mb(no_reward, roomy) == 0
     tight = gb.build_plan(gpu_inventory.parse_inventory("24:14"), gb.FOOTPRINTS["sa2va-4b"], 1024)
     with pytest.raises(gb.PlanError, match="reward-net training needs 1024 MB"):
         trial_gpu_mem_mb(config, tight)
+    with pytest.raises(gb.PlanError, match="Sa2VA head fine-tuning needs 2048 MB"):
+        trial_gpu_mem_mb(everything, tight)
     request = resources_for(0.5, 1024)
     assert request({"trial": "reward_net"}) == {"cpu": 0.5, gb.GPU_MEM_RESOURCE: 1024.0}
     assert request({"trial": "prompt"}) == {"cpu": 0.5}

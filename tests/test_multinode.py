@@ -43,11 +43,12 @@ from orchestrator.run_dir import RunPaths
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 INVENTORY = "24:0,24:0;24:0,24:21.8"
-EXPERIMENTS = ("prompt", "reward")
-"""Experiment 1 and both steps of experiment 3 (the reward net reserves the trial GPU, which
-these fake GPUs cannot give it: it trains on the CPU); the other trials add time, not cluster
+EXPERIMENTS = ("prompt", "finetune")
+"""Experiment 1, and experiment 4 with the reward net it waits for: Sa2VA's head fine-tuned in
+trials over frozen inputs the workers compute (the trials reserve the trial GPU, which these fake
+GPUs cannot give them: they train on the CPU); the other trials add time, not cluster
 behaviour."""
-TRIALS = {"prompt", "reward_net", "reward_guided"}
+TRIALS = {"prompt", "reward_net", "reward_finetune", "supervised_finetune"}
 
 
 def free_port() -> int:
@@ -151,6 +152,11 @@ def test_smoke_run_completes_on_the_cluster(sa2va_run: tuple[Path, int]) -> None
     assert summary["inference"]["workers"] == 4
     assert summary["inference"]["forward_passes"] > 0
     assert summary["methods"]["baseline"]["n"] == 6
+    # Sa2VA's head, fine-tuned in Tune trials over frozen inputs from the workers on the other
+    # node(s), exported as model folders and evaluated on the same test images.
+    for name in ("reward_finetune", "supervised_finetune"):
+        assert summary["methods"][name]["n"] == 6
+        assert (root / "finetune" / name / "model" / "provenance.json").is_file()
 
 
 def test_one_segmentation_worker_per_gpu_across_nodes(

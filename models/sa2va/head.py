@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import UserError
-from models.heads import FrozenInputs
+from models.heads import FrozenInputs, reuse_equal
 from models.sa2va import remote_code
 from models.sa2va.capture import FLAG_MULTIPLE_SEG_TOKENS, FLAG_NO_SEG_TOKEN
 from models.sa2va.head_inputs import HeadInputRecorder, Recording, pack_decoder_call
@@ -135,6 +135,17 @@ class Sa2VAHead(nn.Module):
     def batch_logits(self, batch: Sequence[FrozenInputs]) -> torch.Tensor:
         """``(N, H, W)`` logits of equally sized inputs (one decoder call per [SEG] token)."""
         return torch.stack([self(inputs) for inputs in batch])
+
+    def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
+        """:func:`head_segmentation`."""
+        return head_segmentation(prob, inputs)
+
+    def export(self, folder: Path, provenance: Mapping[str, Any], base_backend_id: str) -> Path:
+        """The checkpoint this head comes from, with its weights, in ``folder``
+        (:func:`models.sa2va.export.export_head`)."""
+        from models.sa2va.export import export_head
+
+        return export_head(self, Path(folder), provenance, base_backend_id)
 
     def _token_logits(
         self, inputs: FrozenInputs, embedding: torch.Tensor, device: torch.device
@@ -229,22 +240,14 @@ class Sa2VAHeadBackend:
 
     def export(self, head: Any, folder: Path, provenance: Mapping[str, Any]) -> Path:
         """A model folder with ``head``'s weights (see :func:`models.sa2va.export.export_head`)."""
-        from models.sa2va.export import export_head
-
         if not isinstance(head, Sa2VAHead):
             raise TypeError(f"expected a Sa2VAHead, got {type(head).__name__}")
-        return export_head(head, Path(folder), provenance, self.backend_id)
+        return head.export(folder, provenance, self.backend_id)
 
     def _reuse_equal(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``tensors`` with each one equal to the previous image's tensor of that name replaced
-        by that object: image-independent decoder inputs (SAM2's positional encoding, its
-        no-mask embedding) are then held once for all images."""
-        for name, tensor in tensors.items():
-            previous = self._previous.get(name)
-            if previous is not None and torch.equal(previous, tensor):
-                tensors[name] = previous
-        self._previous = dict(tensors)
-        return tensors
+        """:func:`models.heads.reuse_equal` against the previous image's tensors."""
+        self._previous = reuse_equal(tensors, self._previous)
+        return self._previous
 
     def segmentation(self, prob: np.ndarray, inputs: FrozenInputs) -> Segmentation:
         """:func:`head_segmentation`."""

@@ -17,11 +17,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from envs.segmentation_env import SegmentationEnv
 from envs.sources import load_split
-from models.frangi_head import load_head_segmenter
 from models.reward_net import RewardScorer, load_checkpoint
 from models.segmentation import Segmenter
 from orchestrator.config import RunConfig
@@ -64,18 +63,35 @@ def best_policy_paths(outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
 
 
 def head_models(paths: RunPaths, outcomes: Iterable[TrialOutcome]) -> dict[str, Path]:
-    """Fine-tuning trial -> its exported head folder, for those that finished with one."""
-    from orchestrator.training.finetune import model_dir
+    """Fine-tuning trial -> its kept head's state file, for those that finished with one."""
+    from orchestrator.training.finetune import head_state_file
 
     found = {}
     for outcome in outcomes:
-        folder = model_dir(paths, outcome.name)
+        state = head_state_file(paths, outcome.name)
         if (
             trial(outcome.name).head_objective
             and outcome.status == "TERMINATED"
-            and folder.is_dir()
+            and state.is_file()
         ):
-            found[outcome.name] = folder
+            found[outcome.name] = state
+    return found
+
+
+def head_segmenters(client: SegmentationClient, states: Mapping[str, Path]) -> dict[str, Segmenter]:
+    """Fine-tuning trial -> a segmenter applying its kept head (``states``: its state file) to
+    frozen inputs from the run's workers: the exported model's masks, without loading it."""
+    import torch
+
+    from models.heads import HeadSegmenter
+    from orchestrator.inference.heads import WorkerHeadBackend
+
+    backend = WorkerHeadBackend(client)
+    found: dict[str, Segmenter] = {}
+    for name, path in states.items():
+        head: Any = backend.initial_head()
+        head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        found[name] = HeadSegmenter(head.eval(), backend)
     return found
 
 
@@ -94,8 +110,8 @@ def evaluate_run(
     its exported best policy (see :func:`best_policy_paths`).
     ``references``: the policy-free methods if already evaluated (the run computes them while
     the trials train, :mod:`orchestrator.evaluation.references`); computed here otherwise.
-    ``head_folders``: fine-tuning trial -> its exported head (see :func:`head_models`), each
-    evaluated on the default prompt through its own segmenter (its own backend id)."""
+    ``head_folders``: fine-tuning trial -> its kept head's state file (see
+    :func:`head_models`), each evaluated on the default prompt (:func:`head_segmenters`)."""
     from orchestrator.training.ppo import ExportedPolicy
 
     during = "" if references is None else " (while the trials trained)"
@@ -114,10 +130,7 @@ def evaluate_run(
             backend_id=segmenter.backend_id,
             manifest_hash=prepared.manifest_hash,
         )
-    heads: dict[str, Segmenter] = {
-        name: load_head_segmenter(folder, segmenter)
-        for name, folder in (head_folders or {}).items()
-    }
+    heads = head_segmenters(segmenter, head_folders or {})
     setup = _Setup(
         config, segmenter, policies, references.learners, references.fixed_prompt, scorer, heads
     )

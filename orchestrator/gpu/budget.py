@@ -144,10 +144,18 @@ FOOTPRINTS: Mapping[str, Footprint] = {
     # A small CNN on RGB+mask at 256 px (~50 MB with Adam state), batch 8, plus its own CUDA
     # context: the original ran it next to Sa2VA and had to cut the batch after an OOM.
     "reward-net-train": Footprint("reward-net-train", "trial", 512, activation_mb=512),
+    # Sa2VA's head in float32 with Adam (text_hidden_fcs, ~14 M parameters for an 8B LLM's
+    # hidden size, + SAM2's mask decoder, ~4 M: x4 for weights, gradients and two moments) and
+    # its CUDA context; the activations of 8 images' decoder calls kept for the backward pass
+    # (SAM2's two-way transformer on 64x64 tokens, the masks upsampled to 1024 px and the image).
+    "sa2va-head-train": Footprint("sa2va-head-train", "trial", 768, activation_mb=1280),
 }
 SEGMENTER_MODELS = tuple(k for k, f in FOOTPRINTS.items() if f.kind == "segmenter")
 REWARD_NET_TRAIN_MB = (
     FOOTPRINTS["reward-net-train"].weights_mb + FOOTPRINTS["reward-net-train"].activation_mb
+)
+SA2VA_HEAD_TRAIN_MB = (
+    FOOTPRINTS["sa2va-head-train"].weights_mb + FOOTPRINTS["sa2va-head-train"].activation_mb
 )
 
 

@@ -180,6 +180,22 @@ class SegmentationClient:
                 self._memo_put((digest, prompt), seg)
         return [results[p] for p in prompts]
 
+    def head_inputs(self, image: np.ndarray, prompts: Sequence[str]) -> list[Any]:
+        """The frozen inputs (:class:`models.heads.FrozenInputs`) of ``image`` for each prompt,
+        in order, from the worker that serves the image (the model lives there), with the
+        client's retries; no memo (a caller asks for an image's inputs once)."""
+        check_image(image)
+        digest = image_digest(image)
+        what = "head inputs of " + _describe_request(digest, image, prompts)
+        return self._call(
+            self.route(digest), lambda t: t.head_inputs(digest, image, list(prompts)), what
+        )
+
+    def initial_head(self) -> Any:
+        """A fresh :class:`models.heads.MaskHead` of the pool's backend (from its first
+        worker; every worker loads the same weights)."""
+        return self._call(0, lambda t: t.initial_head(), "the initial mask head")
+
     def stats(self, *, union_pairs: bool = False) -> dict[str, Any]:
         """``{"total": ..., "workers": [...], "client": ...}``: summed worker counters (forward
         passes, memory/disk hits, corrupt entries, OOM retries/failures, restarts, queue length,

@@ -65,6 +65,15 @@ class WorkerTransport(Protocol):
         ``prompts``, in order: cached ones by digest, the rest computed, in one call."""
         ...
 
+    def head_inputs(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Any]:
+        """The worker's frozen inputs (:class:`models.heads.FrozenInputs`) of ``image`` for
+        ``prompts``, in order (the worker's ``head_inputs``)."""
+        ...
+
+    def initial_head(self) -> Any:
+        """A fresh :class:`models.heads.MaskHead` of the worker's backend."""
+        ...
+
     def stats(self) -> dict[str, Any]: ...
 
     def served_pairs(self) -> list[tuple[str, str]]:
@@ -91,6 +100,12 @@ class InProcessTransport:
     def serve(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
         # Same process, same array: the client's digest is the image's, no second hash.
         return self.worker.serve(digest, image_shape(image), prompts, image, trust_digest=True)
+
+    def head_inputs(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Any]:
+        return self.worker.head_inputs(digest, image_shape(image), prompts, image)
+
+    def initial_head(self) -> Any:
+        return self.worker.initial_head()
 
     def stats(self) -> dict[str, Any]:
         return self.worker.stats()
@@ -170,6 +185,18 @@ class RayTransport:
             "serve", digest, image_shape(image), list(prompts), source
         )
         return result
+
+    def head_inputs(self, digest: str, image: np.ndarray, prompts: Sequence[str]) -> list[Any]:
+        import ray
+
+        source = RemoteImage([ray.put(image)])
+        result: list[Any] = self._call(
+            "head_inputs", digest, image_shape(image), list(prompts), source
+        )
+        return result
+
+    def initial_head(self) -> Any:
+        return self._call("initial_head")
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("stats")

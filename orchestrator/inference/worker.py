@@ -48,7 +48,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +63,9 @@ from orchestrator.inference.cache import (
 )
 from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare
 from orchestrator.inference.stats import WorkerStats
+
+if TYPE_CHECKING:  # torch: only a worker asked for a head imports it
+    from models.heads import FrozenInputs, HeadBackend, MaskHead
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +165,9 @@ class SegmentationWorker:
             return
         self._memory.record_loaded()
         self._cache = InferenceCache(cache_dir, memory_cache_bytes)
-        self._model_lock = threading.Lock()
+        # Re-entrant: a Frangi head backend reads its soft masks through this worker's serve.
+        self._model_lock = threading.RLock()
+        self._head_backend: HeadBackend | None = None
         self._min_input_cap = min_input_cap
         if input_cap is not None:
             self._set_cap(input_cap)
@@ -279,6 +284,38 @@ class SegmentationWorker:
                 self._cache.flush(key)
             self._stats.request_finished()
             self._stats.sync_counts(self._cache.counters())
+
+    def head_inputs(
+        self,
+        digest: str,
+        hw: tuple[int, int],
+        prompts: Sequence[str],
+        image: np.ndarray | Callable[[], np.ndarray],
+    ) -> list[FrozenInputs]:
+        """The frozen inputs (:mod:`models.heads`) of the image with ``digest`` for each prompt,
+        from this worker's model (:func:`models.backends.make_head_backend`; Frangi reads its
+        soft masks through this worker's cache), under the model lock. Not cached: a trial
+        asks for an image's inputs once. ``UserError`` for a backend without a head."""
+        self._raise_refusal()
+        pixels = image() if callable(image) else image
+        check_image(pixels)
+        if image_digest(pixels) != digest or tuple(pixels.shape[:2]) != tuple(hw):
+            raise ValueError(f"{self.name}: the image does not match its digest and size")
+        with self._model_lock, self._memory.call():
+            return self._heads().frozen_inputs(pixels, [str(p) for p in prompts])
+
+    def initial_head(self) -> MaskHead:
+        """A fresh head whose soft mask is this worker's backend's (fine-tuning's start)."""
+        self._raise_refusal()
+        with self._model_lock:
+            return self._heads().initial_head()
+
+    def _heads(self) -> HeadBackend:
+        if self._head_backend is None:
+            from models.backends import make_head_backend
+
+            self._head_backend = make_head_backend(self._backend, base=_CachedPath(self))
+        return self._head_backend
 
     def served_pairs(self) -> list[tuple[str, str]]:
         """The (image digest, prompt) pairs this incarnation has served: a pool's distinct pairs
@@ -432,6 +469,24 @@ class SegmentationWorker:
         self._stats.set_input_cap(self._current_cap())
 
 
+class _CachedPath:
+    """A worker's cached segmentation as a :class:`~models.segmentation.Segmenter` (a Frangi
+    head backend reads its soft masks through it, so they come from the cache)."""
+
+    def __init__(self, worker: SegmentationWorker) -> None:
+        self._worker = worker
+
+    @property
+    def backend_id(self) -> str:
+        return self._worker.backend_id()
+
+    def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
+        return self._worker.segment(image, prompt)
+
+    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
+        return self._worker.segment_prompts(image, prompts)
+
+
 def _is_cuda_oom(err: BaseException) -> bool:
     # torch is only in sys.modules if the backend imported it; a backend that never imported
     # torch cannot raise its OOM, and the worker need not pay torch's import time.
@@ -467,9 +522,8 @@ def _record_incarnation(name: str, cache_dir: str | None) -> tuple[int, bool]:
     ``<cache_dir>/.workers/`` (shared storage also covers a restart on another node), else in the
     temp dir. Ray's ``was_current_actor_reconstructed`` guarantees at least 1 after a restart.
     """
-    import ray
-
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # an actor's process has imported Ray; without it, no Ray
+    if ray is None or not ray.is_initialized():
         return 0, False
     context = ray.get_runtime_context()
     actor_id = context.get_actor_id()

@@ -2,8 +2,10 @@
 images, against the reward net (``reward_finetune``) or the labels (``supervised_finetune``).
 
 Both trials run the same recipe (``config.finetune``) over the backend's
-:class:`~models.heads.HeadBackend` (:func:`head_backend`), on the default prompt's frozen
-inputs of the train split (computed once through the run's workers, so from their cache):
+:class:`~models.heads.HeadBackend` as the run's workers serve it
+(:class:`~orchestrator.inference.heads.WorkerHeadBackend`: the model stays in the workers), on
+the default prompt's frozen inputs of the train split, computed once per image; an image whose
+answer has no ``[SEG]`` token (Sa2VA) gives the head no gradient and is left out of training:
 
 - ``reward_finetune`` waits for the reward-net trial to be READY on the run's status board
   (``after``; it stops at once, with the reason, when that trial FAILED), then maximises the
@@ -15,9 +17,12 @@ inputs of the train split (computed once through the run's workers, so from thei
 
 Every ``finetune.eval_every`` steps both log ``custom/reward_net_score`` (where the reward net
 is ready) and ``custom/gt_dice`` (val; a reference only) to TensorBoard and the sink. Outputs,
-under ``RUN/finetune/<trial>/``: ``model/`` (the exported head, which ``--model-path`` accepts)
-and ``history.json`` (the evaluations along training: the reward-hacking curve, the kept step,
-the reward net's error on the head's masks and on the prompt masks, CPU seconds).
+under ``RUN/finetune/<trial>/``: ``model/`` (the exported model, which ``--model-path``
+accepts: for Sa2VA a whole checkpoint folder, the size of the base), ``head_state.pt`` (the kept
+head's float32 state dict: the run's evaluation applies it to frozen inputs from the workers
+instead of loading the export) and ``history.json`` (the evaluations along training: the
+reward-hacking curve, the kept step, the reward net's error on the head's masks and on the prompt
+masks, CPU seconds).
 """
 
 from __future__ import annotations
@@ -51,17 +56,17 @@ from models.reward_net import RewardNet, RewardScorer, image_channel, mask_chann
 from models.segmentation import Segmenter
 from orchestrator import metric_keys as mk
 from orchestrator import run_dir
-from orchestrator.config import RunConfig
 from orchestrator.experiments import TrialSpec, run_reward_scorer
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.progress_metrics import export_progress
 from orchestrator.training.trial_status import wait_for
 
 if TYPE_CHECKING:
-    from models.frangi_head import FrangiHeadBackend
+    from models.heads import HeadBackend
     from orchestrator.training.loop import ResultSink
 
 FINETUNE_DIR, MODEL_DIR, HISTORY_FILE = "finetune", "model", "history.json"
+HEAD_STATE_FILE = "head_state.pt"
 
 
 def trial_dir(paths: RunPaths, trial: str) -> Path:
@@ -74,22 +79,23 @@ def model_dir(paths: RunPaths, trial: str) -> Path:
     return trial_dir(paths, trial) / MODEL_DIR
 
 
-def head_backend(config: RunConfig, segmenter: Segmenter) -> FrangiHeadBackend:
-    """The run's head backend over its (cache-backed) segmenter; a ``UserError`` for a backend
-    that has none here."""
-    from models.frangi_head import FrangiHeadBackend
+def head_state_file(paths: RunPaths, trial: str) -> Path:
+    """The kept head's state dict of ``trial`` (what the run's evaluation applies)."""
+    return trial_dir(paths, trial) / HEAD_STATE_FILE
 
-    if config.backend.name != "frangi" or not segmenter.backend_id.startswith("frangi:"):
-        raise UserError(
-            f"the finetune experiment fine-tunes the plain Frangi backend's head here, but the "
-            f"run's backend is {segmenter.backend_id}; run it with backend.name: frangi and no "
-            "backend.model_path, or leave finetune out of `experiments`"
-        )
-    return FrangiHeadBackend(segmenter)
+
+def head_backend(segmenter: Segmenter) -> HeadBackend:
+    """The run's head backend: its worker pool's (``segmenter`` is the trial's client)."""
+    from orchestrator.inference.client import SegmentationClient
+    from orchestrator.inference.heads import WorkerHeadBackend
+
+    if not isinstance(segmenter, SegmentationClient):
+        raise TypeError(f"fine-tuning needs the run's SegmentationClient, got {segmenter!r}")
+    return WorkerHeadBackend(segmenter)
 
 
 def head_examples(
-    backend: FrangiHeadBackend,
+    backend: HeadBackend,
     samples: Sequence[Sample],
     prompt: str,
     input_size: int,
@@ -108,31 +114,43 @@ def head_examples(
     ]
 
 
+def trainable(examples: Sequence[HeadExample]) -> list[HeadExample]:
+    """The examples a head can learn from: those whose answer has a ``[SEG]`` token (a head
+    gives a constant empty mask without one, and no gradient)."""
+    return [e for e in examples if int(e.inputs.meta.get("seg_tokens", 1)) > 0]
+
+
 def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str, float]:
     """The trial of ``spec`` (see the module docstring); returns its final metrics."""
     from orchestrator.training.loop import tensorboard_writer
 
     started = time.process_time()
     run, cfg = spec.run, spec.run.finetune
-    backend = head_backend(run, segmenter)
+    backend = head_backend(segmenter)
     scorer = _reward_scorer(spec)
     net = None if scorer is None else _frozen(scorer.model)
     size = run.reward_net.input_size if scorer is None else scorer.input_size
     by_labels = spec.trial.head_objective == "labels"
     prompt = run.env.default_prompt
-    train = head_examples(
-        backend, load_split(spec.data, "train", cfg.max_images), prompt, size, by_labels
-    )
+    samples = load_split(spec.data, "train", cfg.max_images)
+    train = trainable(head_examples(backend, samples, prompt, size, by_labels))
+    if not train:
+        raise UserError(
+            f"{spec.trial.name}: none of the {len(samples)} training images has a [SEG] token "
+            f"in the answer to the default prompt {prompt!r}, so the head has nothing to learn "
+            "from; choose another env.default_prompt"
+        )
     val = head_examples(backend, load_split(spec.data, "val", cfg.max_images), prompt, size, True)
     device = _device(spec)
-    head = backend.initial_head().to(device)
+    head: Any = backend.initial_head()
+    head.to(device)
     if net is not None:
         net.to(device)
     writer = tensorboard_writer(sink.trial_dir)
     weight = run.env.recall_weight
 
     def evaluate(step: int) -> EvalPoint:
-        point = evaluate_head(head, val, backend.segmentation, net, weight, step)
+        point = evaluate_head(head, val, head.segmentation, net, weight, step)
         metrics = {mk.FINETUNE_STEP: float(step)}
         if not math.isnan(point.reward_net_score):
             metrics[mk.REWARD_NET_SCORE] = point.reward_net_score
@@ -155,17 +173,18 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
     head.load_state_dict(result.state)
     head.to("cpu").eval()
     writer.close()
-    exported = backend.export(
-        head, model_dir(spec.paths, spec.trial.name), _provenance(spec, cfg, result.selected_step)
-    )
+    provenance = _provenance(spec, cfg, result.selected_step, len(train))
+    exported = backend.export(head, model_dir(spec.paths, spec.trial.name), provenance)
+    _save_state(head, head_state_file(spec.paths, spec.trial.name))
     history = {
         "trial": spec.trial.name,
         "objective": spec.trial.head_objective,
         "method": "labels" if by_labels else cfg.method,
         "points": [p.to_dict() for p in result.history],
         "selected_step": result.selected_step,
-        "prompt_mask_mae": _prompt_mask_mae(scorer, val, backend),
+        "prompt_mask_mae": _prompt_mask_mae(scorer, val, head),
         "train_images": len(train),
+        "train_images_without_seg": len(samples) - len(train),
         "val_images": len(val),
         "cpu_seconds": round(time.process_time() - started, 2),
         "model": str(exported),
@@ -225,10 +244,19 @@ def _device(spec: TrialSpec) -> str:
     return trial_torch_device(spec.gpu_mem_mb)
 
 
-def _provenance(spec: TrialSpec, cfg: Any, selected_step: int) -> dict[str, Any]:
+def _save_state(head: Any, path: Path) -> None:
+    """The head's state dict, written beside and renamed into place (never half-written)."""
+    staging = path.with_name(f".{path.name}.partial")
+    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, staging)
+    staging.replace(path)
+
+
+def _provenance(spec: TrialSpec, cfg: Any, selected_step: int, images: int) -> dict[str, Any]:
     reward_net = spec.paths.reward_net if spec.trial.needs_reward_net else None
     return {
         "trial": spec.trial.name,
+        "run_id": spec.run_id,
+        "train_images": images,
         "objective": spec.trial.head_objective,
         "settings": cfg.model_dump(mode="json"),
         "selected_step": selected_step,
@@ -243,9 +271,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _prompt_mask_mae(
-    scorer: RewardScorer | None, val: Sequence[HeadExample], backend: FrangiHeadBackend
-) -> float:
+def _prompt_mask_mae(scorer: RewardScorer | None, val: Sequence[HeadExample], head: Any) -> float:
     """The reward net's mean Dice error on the prompt's own hard masks of the val images (the
     masks the reward-guided trial scores), beside its error on the head's soft masks; NaN
     without labels or reward net."""
@@ -256,7 +282,7 @@ def _prompt_mask_mae(
     for example in val:
         assert example.truth is not None
         prob = example.inputs.tensors["prob"].numpy()
-        mask = backend.segmentation(prob, example.inputs).mask
+        mask = head.segmentation(prob, example.inputs).mask
         x = np.stack([example.image_x, mask_channel(mask, scorer.input_size)])
         with torch.no_grad():
             predicted = float(scorer.model(torch.from_numpy(x)[None].to(device))[0, 0])

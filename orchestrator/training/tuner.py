@@ -66,16 +66,20 @@ def resources_for(cpus: float, gpu_mem_mb: int) -> Callable[[dict[str, Any]], di
 
 
 def trial_gpu_mem_mb(config: RunConfig, plan: GpuPlan | None) -> int:
-    """MB of GPU memory each GPU-using trial of ``config`` reserves: reward-net training's
-    footprint when the plan left GPU memory for trials, else 0 (it trains on the CPU). Raises
-    the plan's refusal when some memory is left but too little (call it in stage 3)."""
+    """MB of GPU memory each GPU-using trial of ``config`` reserves when the plan left GPU memory
+    for trials (else 0: they train on the CPU): the largest footprint among them, reward-net
+    training's or, fine-tuning a Sa2VA head, that head's. Raises the plan's refusal when some
+    memory is left but too little (call it in stage 3)."""
     from orchestrator.gpu import budget as gb
 
     users = [t for t in trials_for(config) if t.uses_gpu]
     if not users or plan is None or not any(node.gpu_mem_mb for node in plan.nodes):
         return 0
-    plan.require_trial_memory(gb.REWARD_NET_TRAIN_MB, "reward-net training")
-    return gb.REWARD_NET_TRAIN_MB
+    need, what = gb.REWARD_NET_TRAIN_MB, "reward-net training"
+    if config.backend.name == "sa2va" and any(t.head_objective for t in users):
+        need, what = max(need, gb.SA2VA_HEAD_TRAIN_MB), "Sa2VA head fine-tuning"
+    plan.require_trial_memory(need, what)
+    return need
 
 
 def fit(
