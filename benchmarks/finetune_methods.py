@@ -20,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from models.frangi import FrangiSegmenter
 from orchestrator.config import parse_config
 from orchestrator.data import prepare_data
 from orchestrator.experiments import TrialSpec, trial
+from orchestrator.inference.client import SegmentationClient
+from orchestrator.inference.worker import BackendSpec, SegmentationWorker
 from orchestrator.run_dir import RunPaths
 from orchestrator.run_id import new_run_id
 from orchestrator.training.finetune import HISTORY_FILE, run_finetune, trial_dir
@@ -43,7 +44,8 @@ def main() -> None:
     run = RunPaths(args.run.expanduser().resolve())
     saved = yaml.safe_load(run.config.read_text())
     prepared = prepare_data(parse_config(saved), run)
-    segmenter = FrangiSegmenter()
+    # The run's own Frangi backend through an in-process worker, as `train --local` runs it.
+    segmenter = SegmentationClient.in_process([SegmentationWorker("w0", BackendSpec("frangi"))])
     for method in METHODS:
         finetune = {**saved.get("finetune", {}), "method": method}
         if args.steps is not None:

@@ -240,9 +240,10 @@ class PpoConfig(_Section):
     seed: int = Field(0, ge=0)
     """Seed of RLlib (network init, sampling) and of the envs' image choice."""
     seeds: int = Field(1, ge=1, le=20)
-    """Training seeds: every PPO trial runs once per seed (``seed``, ``seed + 1``, ...), all in
-    the one Tune experiment on the same workers; the report gives each method's mean over its
-    seeds with a CI that resamples seeds and test videos."""
+    """Training seeds: every PPO trial runs once per seed (``seed``, ``seed + 1``, ...), and so
+    does every fine-tuned head (``finetune.seed + k``), all in the one Tune experiment on the
+    same workers; the report gives each method's mean over its seeds with a CI that resamples
+    seeds and test videos."""
     normalize_observations: bool = True
     """Standardise every observation feature with the mean/std of random-policy observations on
     the training images (no ground truth), fixed before training and saved with the policy.

@@ -99,6 +99,12 @@ class Trial:
     def is_ppo(self) -> bool:
         return self.env_class is not None
 
+    @property
+    def seeded(self) -> bool:
+        """It trains a learner from a seed, and so runs once per training seed (``ppo.seeds``):
+        the PPO trials and the fine-tuned heads."""
+        return self.is_ppo or self.head_objective is not None
+
 
 PROMPT = Trial("prompt", "prompt", PromptSelectionEnv, "prompt_rl")
 POSTPROCESS = Trial("postprocess", "postprocess", PostProcessEnv, "postprocess_rl")
@@ -183,8 +189,9 @@ def parse_instance(name: str) -> tuple[Trial, int]:
 
 
 def instances(spec: Trial, config: RunConfig) -> list[str]:
-    """The instance names ``spec`` runs as: one per seed for a PPO trial, else one."""
-    return [instance_name(spec, k) for k in range(config.ppo.seeds if spec.is_ppo else 1)]
+    """The instance names ``spec`` runs as: one per training seed for a seeded trial (PPO, a
+    fine-tuned head), else one."""
+    return [instance_name(spec, k) for k in range(config.ppo.seeds if spec.seeded else 1)]
 
 
 def instance_names(config: RunConfig) -> list[str]:
@@ -232,7 +239,8 @@ class TrialSpec:
         data: the run's data reference (every data setting; the split manifest and its hash).
         gpu_mem_mb: GPU memory this trial reserved (a GPU-using trial on a plan that left some
             for trials); 0: it runs on the CPU.
-        seed: the seed index (``0 .. ppo.seeds - 1``): PPO seed ``ppo.seed + seed``.
+        seed: the seed index (``0 .. ppo.seeds - 1``): PPO seed ``ppo.seed + seed``, head
+            fine-tuning seed ``finetune.seed + seed``.
     """
 
     trial: Trial
@@ -252,11 +260,11 @@ class TrialSpec:
     @property
     def awaits(self) -> str | None:
         """The instance this one waits for: its ``after`` trial, at this seed when that trial
-        runs once per seed (a PPO trial), else its one instance."""
+        runs once per seed (:attr:`Trial.seeded`), else its one instance."""
         if self.trial.after is None:
             return None
         before = trial(self.trial.after)
-        return instance_name(before, self.seed if before.is_ppo else 0)
+        return instance_name(before, self.seed if before.seeded else 0)
 
     @property
     def ppo(self) -> PpoConfig:

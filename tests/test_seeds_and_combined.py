@@ -64,8 +64,10 @@ def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path
         "reward_guided_seed1",
         "combined",
         "combined_seed1",
-        "reward_finetune",  # the head fine-tuning trials are not seeded
+        "reward_finetune",  # a fine-tuned head is seeded too (finetune.seed + k)
+        "reward_finetune_seed1",
         "supervised_finetune",
+        "supervised_finetune_seed1",
     ]
     second = TrialSpec.from_param(_spec("prompt_seed1", tmp_path, TWO_SEEDS).to_param())
     assert (second.trial, second.seed, second.name) == (PROMPT, 1, "prompt_seed1")
@@ -74,6 +76,7 @@ def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path
     # A seeded trial waits for the instance of its seed; the reward net serves every seed.
     assert _spec("combined_seed1", tmp_path, TWO_SEEDS).awaits == "prompt_seed1"
     assert _spec("reward_guided_seed1", tmp_path, TWO_SEEDS).awaits == "reward_net"
+    assert _spec("reward_finetune_seed1", tmp_path, TWO_SEEDS).awaits == "reward_net"
     assert _spec("prompt_seed1", tmp_path, TWO_SEEDS).awaits is None
     with pytest.raises(KeyError, match="unknown trial 'prompt_seedx'"):
         trial("prompt_seedx")

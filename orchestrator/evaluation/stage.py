@@ -225,10 +225,11 @@ def _evaluate_split(
     ]
     steps += policy_steps(policies, envs, evaluator)
     for t, head in setup.heads.items():
-        method = trial(t).method
-        assert method is not None, "a fine-tuning trial has an evaluation method"
+        spec, seed = parse_instance(t)
+        assert spec.method is not None, "a fine-tuning trial has an evaluation method"
         on_head = dataclasses.replace(evaluator, segmenter=head)
-        steps.append((method, _head_step(on_head, evaluator, method, config.env.default_prompt)))
+        compute = _head_step(on_head, evaluator, spec.method, config.env.default_prompt)
+        steps.append((spec.method, _seeded(compute, seed)))
     if split == "test":
         steps += [
             ("oracle_prompt", evaluator.oracle_prompt),

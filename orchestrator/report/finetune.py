@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.evaluation.statistics import UNDETERMINED, Estimate, MethodSummary, verdict
-from orchestrator.experiments import HEAD_TRIALS, REWARD_FINETUNE, SUPERVISED_FINETUNE
+from orchestrator.experiments import (
+    HEAD_TRIALS,
+    REWARD_FINETUNE,
+    SUPERVISED_FINETUNE,
+    instance_name,
+    trial,
+)
 from orchestrator.report.record import RunRecord
 from orchestrator.training.finetune import HISTORY_FILE, trial_dir
 
@@ -25,12 +31,15 @@ please the reward net (reward hacking)."""
 
 
 def read_histories(record: RunRecord) -> dict[str, dict[str, Any]]:
-    """Fine-tuning trial -> its ``history.json``, for those that wrote one."""
+    """Fine-tuning trial instance (``reward_finetune``, ``reward_finetune_seed1``, ...) -> its
+    ``history.json``, for those that wrote one, seed by seed."""
     found = {}
     for t in HEAD_TRIALS:
-        path = trial_dir(record.paths, t.name) / HISTORY_FILE
-        if path.is_file():
-            found[t.name] = json.loads(path.read_text())
+        for seed in range(record.config.ppo.seeds):
+            name = instance_name(t, seed)
+            path = trial_dir(record.paths, name) / HISTORY_FILE
+            if path.is_file():
+                found[name] = json.loads(path.read_text())
     return found
 
 
@@ -42,7 +51,7 @@ def render(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> str:
     if not methods and not histories:
         return "\n".join([*lines, "Not run (the `finetune` experiment is not in this run)."])
     lines += _comparison(summaries)
-    lines += _hacking(histories.get(REWARD_FINETUNE.name))
+    lines += _hacking(histories)
     lines += _reward_net_error(record, histories)
     lines += _costs(histories)
     return "\n".join(lines)
@@ -115,11 +124,13 @@ def _verdict_lines(summaries: Mapping[str, MethodSummary]) -> list[str]:
     return lines
 
 
-def _hacking(history: dict[str, Any] | None) -> list[str]:
+def _hacking(histories: Mapping[str, dict[str, Any]]) -> list[str]:
     lines = ["### Reward hacking: reward-net score vs ground-truth Dice along training", ""]
+    history = histories.get(REWARD_FINETUNE.name)
     if history is None:
         return [*lines, "No reward_finetune history (`finetune/reward_finetune/history.json`).", ""]
     points = history["points"]
+    seeds = {n: h for n, h in histories.items() if trial(n) is REWARD_FINETUNE}
     lines += [
         f"Val images ({history['val_images']}), evaluated every few steps; the kept head "
         f"(step {history['selected_step']}) is the one with the best reward-net score (no "
@@ -134,8 +145,16 @@ def _hacking(history: dict[str, Any] | None) -> list[str]:
             f"| {p['step']} | {_num(p['reward_net_score'])} | {_num(p['gt_dice'])} | "
             f"{_num(p['reward_net_mae'])} |"
         )
-    lines += ["", _hacking_verdict(points), ""]
-    return lines
+    lines.append("")
+    if len(seeds) == 1:
+        return [*lines, _hacking_verdict(points), "", "Plotted: `plots/reward_hacking.png`.", ""]
+    lines.append("The table is seed 0's; each training seed's verdict:")
+    lines.append("")
+    for name, seeded in seeds.items():
+        lines.append(
+            f"- `{name}` (seed {seeded.get('seed', '?')}): {_hacking_verdict(seeded['points'])}"
+        )
+    return [*lines, "", "Plotted, every seed: `plots/reward_hacking.png`.", ""]
 
 
 def _hacking_verdict(points: list[dict[str, float]]) -> str:

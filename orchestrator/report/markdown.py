@@ -482,6 +482,7 @@ PLOT_TITLES = {
     "learning_curves.png": "Learning curves per experiment (Tune results)",
     "reward_net_dice.png": "Reward net: predicted vs true Dice (validation)",
     "examples.png": "Examples: worst, median and best baseline image",
+    "reward_hacking.png": "Fine-tuning: reward-net score vs ground-truth Dice along training",
 }
 
 

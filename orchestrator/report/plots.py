@@ -23,6 +23,7 @@ from orchestrator.evaluation.examples import (
 )
 from orchestrator.evaluation.statistics import MethodSummary, best_method, ordered
 from orchestrator.experiments import PPO_TRIALS, parse_instance
+from orchestrator.report.finetune import read_histories
 from orchestrator.report.markdown import TARGET
 from orchestrator.report.record import RunRecord, TuneTrial, relative
 from orchestrator.training.reward_predictions import RewardNetPredictions
@@ -37,6 +38,7 @@ PLOT_SIZES = {
     "learning_curves.png": (15.0, 9.0),
     "reward_net_dice.png": (6.0, 6.0),
     "examples.png": (12.0, 9.6),
+    "reward_hacking.png": (11.0, 4.2),
 }
 """Every plot's file name (under ``plots/``) and size in inches; pixels = inches * PLOT_DPI."""
 
@@ -66,6 +68,7 @@ def write_plots(record: RunRecord, summaries: Mapping[str, MethodSummary]) -> di
         "learning_curves.png": lambda: plot_learning_curves(record.trials, out),
         "reward_net_dice.png": lambda: plot_reward_net(record.predictions, out),
         "examples.png": lambda: plot_examples(record, summaries, out),
+        "reward_hacking.png": lambda: plot_hacking(read_histories(record), out),
     }
     status = {}
     for name, draw in drawers.items():
@@ -192,6 +195,39 @@ def plot_reward_net(predictions: RewardNetPredictions | None, out: Path) -> str 
         ax.set_title(f"Reward net on {len(true)} validation masks, MAE {mae:.3f}")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
+    return None
+
+
+def plot_hacking(histories: Mapping[str, Mapping[str, Any]], out: Path) -> str | None:
+    """The reward-hacking panel: the reward net's score (left) and the ground-truth Dice
+    (right) of each fine-tuned head on the val images along training, one line per trial and
+    seed, the kept step circled. The two diverge where the head learns to please the reward net.
+    """
+    if not histories:
+        return "no fine-tuning trial in this run"
+    colours = {"reward_finetune": "tab:orange", "supervised_finetune": "tab:blue"}
+    with _figure("reward_hacking.png", out, nrows=1, ncols=2, sharex=True) as (fig, axes):
+        for name, history in sorted(histories.items()):
+            spec, seed = parse_instance(name)
+            points = history["points"]
+            steps = [p["step"] for p in points]
+            style = {"color": colours.get(spec.name, "k"), "alpha": 1.0 if seed == 0 else 0.55}
+            label = spec.name if seed == 0 else None
+            kept = [i for i, p in enumerate(points) if p["step"] == history["selected_step"]]
+            for ax, key in zip(axes, ("reward_net_score", "gt_dice"), strict=True):
+                values = [p[key] for p in points]
+                if all(np.isnan(v) for v in values):
+                    continue
+                ax.plot(steps, values, marker=".", label=label, **style)
+                for i in kept:
+                    ax.plot(steps[i], values[i], "o", mfc="none", ms=10, color=style["color"])
+        titles = ("Reward-net score (what reward_finetune maximises)", "GT Dice (reference only)")
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("fine-tuning step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(loc="best", fontsize=8, title="trial (faint: other seeds)")
+        fig.suptitle("Reward hacking? Val images along fine-tuning; circles: the kept head")
     return None
 
 

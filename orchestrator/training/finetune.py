@@ -136,7 +136,7 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
     train = trainable(head_examples(backend, samples, prompt, size, by_labels))
     if not train:
         raise UserError(
-            f"{spec.trial.name}: none of the {len(samples)} training images has a [SEG] token "
+            f"{spec.name}: none of the {len(samples)} training images has a [SEG] token "
             f"in the answer to the default prompt {prompt!r}, so the head has nothing to learn "
             "from; choose another env.default_prompt"
         )
@@ -159,14 +159,15 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
         for key, value in metrics.items():
             writer.add_scalar(key, value, global_step=step)
         writer.flush()
-        export_progress(spec.trial.name, metrics)
+        export_progress(spec.name, metrics)
         sink.report(metrics)
         return point
 
     def on_step(step: int, loss: float) -> None:
         writer.add_scalar(mk.FINETUNE_LOSS, loss, global_step=step)
 
-    settings = TrainSettings(cfg.steps, cfg.batch_images, cfg.lr, cfg.eval_every, cfg.seed)
+    seed = cfg.seed + spec.seed
+    settings = TrainSettings(cfg.steps, cfg.batch_images, cfg.lr, cfg.eval_every, seed)
     result = train_head(
         head, train, _objective(spec, net), settings, evaluate, _select(by_labels), on_step
     )
@@ -174,10 +175,11 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
     head.to("cpu").eval()
     writer.close()
     provenance = _provenance(spec, cfg, result.selected_step, len(train))
-    exported = backend.export(head, model_dir(spec.paths, spec.trial.name), provenance)
-    _save_state(head, head_state_file(spec.paths, spec.trial.name))
+    exported = backend.export(head, model_dir(spec.paths, spec.name), provenance)
+    _save_state(head, head_state_file(spec.paths, spec.name))
     history = {
-        "trial": spec.trial.name,
+        "trial": spec.name,
+        "seed": seed,
         "objective": spec.trial.head_objective,
         "method": "labels" if by_labels else cfg.method,
         "points": [p.to_dict() for p in result.history],
@@ -189,7 +191,7 @@ def run_finetune(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dic
         "cpu_seconds": round(time.process_time() - started, 2),
         "model": str(exported),
     }
-    run_dir.write_json(trial_dir(spec.paths, spec.trial.name) / HISTORY_FILE, history)
+    run_dir.write_json(trial_dir(spec.paths, spec.name) / HISTORY_FILE, history)
     kept = next(p for p in result.history if p.step == result.selected_step)
     final = {mk.FINETUNE_STEP: float(kept.step)}
     if not math.isnan(kept.gt_dice):
@@ -226,7 +228,7 @@ def _objective(spec: TrialSpec, net: RewardNet | None) -> HeadObjective:
         return LabelLoss()
     assert net is not None, "the reward objective waited for the reward net"
     if cfg.method == "policy_gradient":
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed + spec.seed)
         return RewardPolicyGradient(net, weight, cfg.kl_weight, cfg.pg_samples, generator)
     return RewardGradient(net, weight, cfg.kl_weight)
 
@@ -254,7 +256,8 @@ def _save_state(head: Any, path: Path) -> None:
 def _provenance(spec: TrialSpec, cfg: Any, selected_step: int, images: int) -> dict[str, Any]:
     reward_net = spec.paths.reward_net if spec.trial.needs_reward_net else None
     return {
-        "trial": spec.trial.name,
+        "trial": spec.name,
+        "seed": cfg.seed + spec.seed,
         "run_id": spec.run_id,
         "train_images": images,
         "objective": spec.trial.head_objective,
