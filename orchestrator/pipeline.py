@@ -36,7 +36,8 @@ from orchestrator.run_dir import RunPaths, write_json, write_text
 
 if TYPE_CHECKING:
     from envs.sample import Sample
-    from orchestrator.gpu.budget import Footprint, GpuPlan
+    from orchestrator.gpu.budget import GpuPlan
+    from orchestrator.gpu.footprints import Footprint
     from orchestrator.inference.client import SegmentationClient
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def check_model_source(config: RunConfig, local: bool = True) -> None:
     name, options = backend_spec(config)
     if name == "sa2va":
         from models.sa2va import preflight
-        from orchestrator.gpu.budget import refuse_pinned_gpu_on_cluster
+        from orchestrator.gpu.devices import refuse_pinned_gpu_on_cluster
 
         if not local:
             refuse_pinned_gpu_on_cluster(options["device"])
@@ -238,6 +239,7 @@ def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
     """The GPU memory plan (None for the CPU backend); raises before anything loads when no
     worker fits. Call after ``ray.init`` when joining a cluster (its GPUs are read there)."""
     from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import devices
     from orchestrator.gpu import inventory as gpu_inventory
 
     if config.backend.name == "frangi":
@@ -248,7 +250,7 @@ def gpu_plan(config: RunConfig, address: str | None) -> GpuPlan | None:
         inventory = gpu_inventory.read_cluster_inventory()
     else:
         inventory = (gpu_inventory.read_local_node(),)
-    inventory = gb.restrict_to_device(inventory, config.backend.device)
+    inventory = devices.restrict_to_device(inventory, config.backend.device)
     footprint = worker_footprint(config)
     plan = gb.build_plan(inventory, footprint, gpu_inventory.gb_to_mb(config.gpu.margin_gb))
     plan.require_workers()
@@ -260,7 +262,7 @@ def worker_footprint(config: RunConfig) -> Footprint:
     (``backend.model_size`` must agree with them), or the declared size where the files are
     not on this machine (a Hub id not downloaded yet), which the plan then says."""
     from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights
-    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import footprints
 
     backend = config.backend
     model_path = backend_spec(config)[1]["model_path"]
@@ -271,7 +273,7 @@ def worker_footprint(config: RunConfig) -> Footprint:
             f"as Sa2VA-{backend.model_size or '4B'} (backend.model_size)"
         )
     dtype = loaded_dtype(backend.device)
-    return gb.footprint_for(
+    return footprints.footprint_for(
         "sa2va", backend.model_size, config.gpu.model_gb, checkpoint=checkpoint, dtype=dtype
     )
 
@@ -358,6 +360,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
 
     from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import devices
     from orchestrator.inference.gpu_memory import MemoryShare
     from orchestrator.inference.pool import (
         WorkerPlacement,
@@ -369,7 +372,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
 
     name, backend_options = backend_spec(config)
     if plan is not None:
-        backend_options["device"] = gb.worker_device(config.backend.device)
+        backend_options["device"] = devices.worker_device(config.backend.device)
     runtime_env = config.backend.runtime_env
     options = {"runtime_env": runtime_env} if runtime_env is not None else {}
     if plan is None:

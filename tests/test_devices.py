@@ -20,6 +20,7 @@ from orchestrator import cli, pipeline
 from orchestrator.commands import run as run_command
 from orchestrator.config import parse_config
 from orchestrator.gpu import budget as gb
+from orchestrator.gpu import devices
 from orchestrator.gpu.inventory import parse_inventory
 from orchestrator.inference.gpu_memory import MemoryShare
 from orchestrator.inference.worker import BackendSpec
@@ -63,7 +64,7 @@ def test_cuda_n_beyond_the_gpus_or_on_a_cluster_is_refused(folder_4b: Path) -> N
     # Joining a cluster: refused in the config stage, before the preflight (and Ray).
     with pytest.raises(UserError, match="'cuda:1' names one GPU of one machine"):
         pipeline.check_model_source(config(folder_4b, "cuda:1"), local=False)
-    assert gb.restrict_to_device(parse_inventory("24:0;24:0"), "cuda") == parse_inventory(
+    assert devices.restrict_to_device(parse_inventory("24:0;24:0"), "cuda") == parse_inventory(
         "24:0;24:0"
     )
 
@@ -85,7 +86,7 @@ def test_a_planned_worker_loads_on_its_only_gpu(
     (placement,) = started["placements"]
     assert (placement.num_gpus, placement.input_cap) == (1, 1024)
     assert placement.memory_share == MemoryShare(weights_mb=7510, worker_mb=9622)
-    assert [gb.worker_device(d) for d in ("auto", "cuda", "cuda:3", "cpu")] == [
+    assert [devices.worker_device(d) for d in ("auto", "cuda", "cuda:3", "cpu")] == [
         "auto",
         "cuda",
         "cuda",
