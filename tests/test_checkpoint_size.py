@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 from models.errors import UserError
 from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights, read_weights
 from orchestrator import cli
+from orchestrator.cluster import gpu_plan
 from orchestrator.commands.words import CONFIG_WORDS
 from orchestrator.config import parse_config
 from orchestrator.gpu import budget as gb
 from orchestrator.gpu import footprints
-from orchestrator.pipeline import gpu_plan
 
 PARAMS_8B = 8_299_000_000
 
