@@ -2,7 +2,7 @@
 beside what a threshold change alone reaches.
 
   python benchmarks/head_capacity.py [--config tune_configs/quick.yaml] [--work /tmp/head-cap]
-      [--settings default,steps200_lr1e-2,scale2,shift_only,sharp_dice]
+      [--settings default,sharp_dice,...] [--seed 0]
 
 Builds the config's data under WORK (no Ray, no reward net), computes the default prompt's
 frozen inputs of the train, val and test images with a :class:`~models.frangi.FrangiSegmenter`,
@@ -20,7 +20,12 @@ train, val and test of:
   ``steps200_lr1e-2`` (five times the steps at lr 1e-2), ``scale2`` (the residual at half
   instead of a quarter of the resolution), ``shift_only`` (the residual frozen at zero: only
   the per-image shift learns), ``sharp_dice`` (soft Dice of ``sigmoid(4 * logit)``, a closer
-  stand-in for the hard mask's Dice, without BCE).
+  stand-in for the hard mask's Dice, without BCE), ``sharp_dice_steps200_lr1e-2`` (both).
+  Each setting's row ends with how its last head (not the kept one) moved from the baseline
+  on 16 training images: the mean logit change on vessel and background pixels, and its mask
+  area over the label area.
+  ``--seed`` replaces the config's ``finetune.seed`` (the order of the training batches; the
+  head's initial weights stay those of ``torch.manual_seed(0)``).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from orchestrator.run_dir import RunPaths
 
 SHIFTS = np.linspace(-2.0, 2.0, 17)
 SPLITS = ("train", "val", "test")
+DRIFT_IMAGES = 16
 
 
 @dataclass
@@ -90,15 +96,16 @@ def shift_only() -> FrangiHead:
     return head
 
 
-def settings_table(cfg: FinetuneConfig) -> dict[str, Setting]:
-    base = TrainSettings(cfg.steps, cfg.batch_images, cfg.lr, cfg.eval_every, cfg.seed)
-    long = TrainSettings(5 * cfg.steps, cfg.batch_images, 1e-2, 4 * cfg.eval_every, cfg.seed)
+def settings_table(cfg: FinetuneConfig, seed: int) -> dict[str, Setting]:
+    base = TrainSettings(cfg.steps, cfg.batch_images, cfg.lr, cfg.eval_every, seed)
+    long = TrainSettings(5 * cfg.steps, cfg.batch_images, 1e-2, 4 * cfg.eval_every, seed)
     return {
         "default": Setting(FrangiHead, base, LabelLoss()),
         "steps200_lr1e-2": Setting(FrangiHead, long, LabelLoss()),
         "scale2": Setting(lambda: FrangiHead(scale=2), base, LabelLoss()),
         "shift_only": Setting(shift_only, base, LabelLoss()),
         "sharp_dice": Setting(FrangiHead, base, SharpDice()),
+        "sharp_dice_steps200_lr1e-2": Setting(FrangiHead, long, SharpDice()),
     }
 
 
@@ -107,7 +114,10 @@ def examples(
 ) -> list[HeadExample]:
     return [
         HeadExample(
-            s.id, backend.frozen_inputs(s.image, [prompt])[0], image_channel(s.image, 64), s.mask
+            s.id,
+            backend.frozen_inputs(s.image, [prompt])[0],
+            image_channel(s.image, 64),
+            s.mask,
         )
         for s in samples
     ]
@@ -123,7 +133,8 @@ def shifted_dice(split: Sequence[HeadExample]) -> np.ndarray:
         rows.append(
             [
                 mask_metrics(
-                    head_segmentation(torch.sigmoid(base + c).numpy(), e.inputs).mask, e.truth
+                    head_segmentation(torch.sigmoid(base + c).numpy(), e.inputs).mask,
+                    e.truth,
                 ).dice
                 for c in SHIFTS
             ]
@@ -140,6 +151,7 @@ def main() -> None:
     parser.add_argument("--config", default="tune_configs/quick.yaml")
     parser.add_argument("--work", type=Path, default=Path("/tmp/head-capacity"))
     parser.add_argument("--settings", default="", help="comma separated (default: all)")
+    parser.add_argument("--seed", type=int, help="batch order seed (default: finetune.seed)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = load_config(args.config)
@@ -149,7 +161,9 @@ def main() -> None:
     prompt, cap = config.env.default_prompt, config.finetune.max_images
     data = {
         split: examples(
-            backend, load_split(prepared.ref, split, None if split == "test" else cap), prompt
+            backend,
+            load_split(prepared.ref, split, None if split == "test" else cap),
+            prompt,
         )
         for split in SPLITS
     }
@@ -161,14 +175,15 @@ def main() -> None:
         name = "baseline" if c == 0 else f"shift {c:+.1f}"
         print(row(name, [grids[s][:, column].mean() for s in SPLITS]))
     print(row("oracle shift", [grids[s].max(axis=1).mean() for s in SPLITS]))
-    table = settings_table(config.finetune)
+    seed = config.finetune.seed if args.seed is None else args.seed
+    table = settings_table(config.finetune, seed)
     for name in [s for s in args.settings.split(",") if s] or list(table):
         print(trained_row(name, table[name], data))
 
 
 def trained_row(name: str, setting: Setting, data: dict[str, list[HeadExample]]) -> str:
     """The row of the head trained with ``setting`` (see the module docstring)."""
-    torch.manual_seed(setting.settings.seed)
+    torch.manual_seed(0)
     head = setting.head()
     start = time.process_time()
     result = train_head(
@@ -180,11 +195,38 @@ def trained_row(name: str, setting: Setting, data: dict[str, list[HeadExample]])
         lambda point: point.gt_dice,
     )
     seconds = time.process_time() - start
+    drift = logit_drift(head, data["train"][:DRIFT_IMAGES])
     head.load_state_dict(result.state)
     head.eval()
     dice = [evaluate_head(head, data[s], head_segmentation, None, 0.0, 0).gt_dice for s in SPLITS]
     curve = " ".join(f"{p.step}:{p.gt_dice:.3f}" for p in result.history)
-    return row(name, dice, f"  {seconds:5.1f} CPU s, kept step {result.selected_step}; val {curve}")
+    return row(
+        name,
+        dice,
+        f"  {seconds:5.1f} CPU s, kept step {result.selected_step}; val {curve}; "
+        f"last head: {drift}",
+    )
+
+
+def logit_drift(head: FrangiHead, split: Sequence[HeadExample]) -> str:
+    """How the head moved from the baseline on ``split``: the mean change of its logit on
+    vessel and on background pixels, and its hard masks' area over the labels' area."""
+    head.eval()
+    vessel, background, area, truth_area = [], [], 0, 0
+    with torch.no_grad():
+        for e in split:
+            assert e.truth is not None
+            logits = head(e.inputs)
+            change = logits - torch.logit(e.inputs.tensors["prob"].clamp(EPS, 1 - EPS))
+            truth = torch.from_numpy(e.truth)
+            vessel.append(float(change[truth].mean()))
+            background.append(float(change[~truth].mean()))
+            area += int(head_segmentation(torch.sigmoid(logits).numpy(), e.inputs).mask.sum())
+            truth_area += int(e.truth.sum())
+    return (
+        f"logit change {np.mean(vessel):+.2f} on vessels, {np.mean(background):+.2f} on "
+        f"background, mask area / label area {area / truth_area:.2f} (train, {len(split)} images)"
+    )
 
 
 if __name__ == "__main__":
