@@ -9,7 +9,8 @@ It loads the folder as a run does (preflight, then ``Sa2VASegmenter``), segments
 synthetic angiograms of ``--size`` px (one warm-up call first, not counted) and prints:
 
 - load time (s) and GPU memory allocated after loading (MiB): the *weights* of the GPU plan,
-  which ``run`` reads from the folder (``orchestrator/gpu/budget.py``, ``checkpoint_footprint``);
+  which ``run`` reads from the folder (``checkpoint_footprint`` in
+  ``orchestrator/gpu/footprints.py``);
 - per call: latency (ms) and the peak GPU memory above the loaded model (MiB): the plan's
   *activation* figure (which also covers the CUDA context, which ``torch.cuda`` does not count:
   compare with ``nvidia-smi``);
@@ -61,7 +62,7 @@ from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT
 from models.sa2va import Sa2VASegmenter, preflight
 from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights
 from models.segmentation import Segmentation
-from orchestrator.gpu.budget import footprint_for
+from orchestrator.gpu.footprints import footprint_for
 
 MIB = 2**20
 

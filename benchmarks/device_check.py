@@ -92,10 +92,11 @@ def fixture(variant: str) -> Path:
 @check("1. NVML inventory and the plan of a 4B checkpoint")
 def inventory() -> dict[str, Any]:
     from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import footprints
     from orchestrator.gpu import inventory as gi
 
     node = gi.read_local_node()
-    plan = gb.build_plan((node,), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan((node,), footprints.FOOTPRINTS["sa2va-4b"], 1024)
     slots = [(s.gpu, s.worker_mb, s.input_cap, s.left_mb) for n in plan.nodes for s in n.gpus]
     return {
         "plan (gpu, worker_mb, input_cap, left_mb)": slots,
@@ -151,14 +152,14 @@ def fixtures_bf16() -> dict[str, Any]:
 @check("2. a segmentation worker's GPU memory against its planned share")
 def memory_vs_plan() -> dict[str, Any]:
     from models.sa2va.checkpoint_size import read_weights
-    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import footprints
     from orchestrator.inference.gpu_memory import MemoryShare
     from orchestrator.inference.worker import BackendSpec, SegmentationWorker
 
     folder = fixture("v2")
     weights = read_weights(folder)
     assert weights is not None
-    footprint = gb.checkpoint_footprint(weights, "bfloat16")
+    footprint = footprints.checkpoint_footprint(weights, "bfloat16")
     share = MemoryShare(footprint.weights_mb, footprint.worker_mb(1024))
     spec = BackendSpec("sa2va", {"model_path": str(folder), "device": "cuda"})
     worker = SegmentationWorker("gpu-check-0", spec, None, input_cap=1024, memory_share=share)

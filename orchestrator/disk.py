@@ -263,7 +263,7 @@ def export_bytes(config: RunConfig) -> int:
     if config.backend.name != "sa2va":
         return FRANGI_HEAD_EXPORT_BYTES
     from models.sa2va.checkpoint_size import read_model_weights
-    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import footprints
 
     weights = None
     if config.backend.model_path:
@@ -274,7 +274,7 @@ def export_bytes(config: RunConfig) -> int:
     if weights is not None:
         return weights.disk_bytes + SA2VA_EXPORT_SLACK_BYTES
     size = (config.backend.model_size or "4B").lower()
-    return gb.FOOTPRINTS[f"sa2va-{size}"].weights_mb * 2**20 + SA2VA_EXPORT_SLACK_BYTES
+    return footprints.FOOTPRINTS[f"sa2va-{size}"].weights_mb * 2**20 + SA2VA_EXPORT_SLACK_BYTES
 
 
 def plan_before_run(config: RunConfig, paths: RunPaths) -> DiskPlan:

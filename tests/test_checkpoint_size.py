@@ -20,10 +20,11 @@ from safetensors.torch import save_file
 from models.errors import UserError
 from models.sa2va.checkpoint_size import loaded_dtype, read_model_weights, read_weights
 from orchestrator import cli
+from orchestrator.cluster import gpu_plan
 from orchestrator.commands.words import CONFIG_WORDS
 from orchestrator.config import parse_config
 from orchestrator.gpu import budget as gb
-from orchestrator.pipeline import gpu_plan
+from orchestrator.gpu import footprints
 
 PARAMS_8B = 8_299_000_000
 
@@ -81,7 +82,7 @@ def test_a_damaged_index_is_named(tmp_path: Path) -> None:
 def test_an_8b_folder_is_planned_at_8b(folder_8b: Path) -> None:
     weights = read_weights(folder_8b)
     assert weights is not None
-    footprint = gb.footprint_for("sa2va", None, checkpoint=weights, dtype="bfloat16")
+    footprint = footprints.footprint_for("sa2va", None, checkpoint=weights, dtype="bfloat16")
     assert (footprint.weights_mb, footprint.activation_mb, footprint.per_tile_mb) == (
         15830,
         2048,
@@ -90,22 +91,25 @@ def test_an_8b_folder_is_planned_at_8b(folder_8b: Path) -> None:
     assert (footprint.worker_mb(1024), footprint.worker_mb(256)) == (19030, 17878)
     assert footprint.name == "sa2va 8.30B (Sa2VA-8B, bfloat16)"
     # Declared consistently: the same plan.
-    assert gb.footprint_for("sa2va", "8B", checkpoint=weights) == footprint
+    assert footprints.footprint_for("sa2va", "8B", checkpoint=weights) == footprint
 
 
 def test_an_8b_folder_declared_4b_is_refused(folder_8b: Path) -> None:
     weights = read_weights(folder_8b)
     assert weights is not None
     with pytest.raises(UserError) as refused:
-        gb.footprint_for("sa2va", "4B", checkpoint=weights)
+        footprints.footprint_for("sa2va", "4B", checkpoint=weights)
     message = refused.value.in_words(CONFIG_WORDS)
     assert message.startswith("backend.model_size in the --config file says 4B, but the model")
     assert "holds 8.30 B parameters (15.5 GB in bfloat16 on disk, from model.safetensors" in message
     assert "the size of Sa2VA-8B, 15830 MB of weights in bfloat16" in message
     assert "drop the declared size, or set it to 8B" in message
     with pytest.raises(UserError, match=r"is 12 GB, but the model folder .* 15830 MB of weights"):
-        gb.footprint_for("sa2va", None, model_gb=12, checkpoint=weights)
-    assert gb.footprint_for("sa2va", None, model_gb=20, checkpoint=weights).worker_mb(256) == 20480
+        footprints.footprint_for("sa2va", None, model_gb=12, checkpoint=weights)
+    assert (
+        footprints.footprint_for("sa2va", None, model_gb=20, checkpoint=weights).worker_mb(256)
+        == 20480
+    )
 
 
 def run_config(folder: Path, inventory: str, **backend: Any) -> Any:

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from models.errors import UserError
-from orchestrator import cli, pipeline
+from orchestrator import cli, cluster
 from orchestrator.commands import run as run_command
 from orchestrator.config import parse_config
 from orchestrator.gpu import budget as gb
+from orchestrator.gpu import devices
 from orchestrator.gpu.inventory import parse_inventory
 from orchestrator.inference.gpu_memory import MemoryShare
 from orchestrator.inference.worker import BackendSpec
@@ -44,26 +45,26 @@ def config(folder: Path, device: str, inventory: str = "24:20,24:4") -> Any:
 
 
 def test_cuda_n_plans_only_gpu_n(folder_4b: Path) -> None:
-    plan = pipeline.gpu_plan(config(folder_4b, "cuda:1"), None)
+    plan = cluster.gpu_plan(config(folder_4b, "cuda:1"), None)
     assert plan is not None
     assert [(g.gpu, g.worker_mb, g.input_cap) for g in plan.workers] == [(1, 9622, 1024)]
     assert plan.local_node.env()["CUDA_VISIBLE_DEVICES"] == "1"
     # auto: every GPU that fits (GPU 0 has 4 GB free, too little).
-    plan = pipeline.gpu_plan(config(folder_4b, "auto"), None)
+    plan = cluster.gpu_plan(config(folder_4b, "auto"), None)
     assert plan is not None and [g.gpu for g in plan.workers] == [1]
     with pytest.raises(gb.PlanError, match="node0 GPU 0, has 4096 MB free"):
-        pipeline.gpu_plan(config(folder_4b, "cuda:0"), None)
+        cluster.gpu_plan(config(folder_4b, "cuda:0"), None)
 
 
 def test_cuda_n_beyond_the_gpus_or_on_a_cluster_is_refused(folder_4b: Path) -> None:
     with pytest.raises(UserError, match=r"'cuda:2': node0 has 2 GPU\(s\) \(cuda:0..cuda:1 in"):
-        pipeline.gpu_plan(config(folder_4b, "cuda:2"), None)
+        cluster.gpu_plan(config(folder_4b, "cuda:2"), None)
     with pytest.raises(UserError, match="names one GPU of one machine, but this run plans"):
-        pipeline.gpu_plan(config(folder_4b, "cuda:0", "24:0;24:0"), None)
+        cluster.gpu_plan(config(folder_4b, "cuda:0", "24:0;24:0"), None)
     # Joining a cluster: refused in the config stage, before the preflight (and Ray).
     with pytest.raises(UserError, match="'cuda:1' names one GPU of one machine"):
-        pipeline.check_model_source(config(folder_4b, "cuda:1"), local=False)
-    assert gb.restrict_to_device(parse_inventory("24:0;24:0"), "cuda") == parse_inventory(
+        cluster.check_model_source(config(folder_4b, "cuda:1"), local=False)
+    assert devices.restrict_to_device(parse_inventory("24:0;24:0"), "cuda") == parse_inventory(
         "24:0;24:0"
     )
 
@@ -79,13 +80,13 @@ def test_a_planned_worker_loads_on_its_only_gpu(
 
     monkeypatch.setattr("orchestrator.inference.pool.start_workers", start_workers)
     run_config = config(folder_4b, "cuda:1")
-    plan = pipeline.gpu_plan(run_config, None)
-    assert pipeline.start_segmentation_workers(run_config, plan, "run-a") == ["w0"]
+    plan = cluster.gpu_plan(run_config, None)
+    assert cluster.start_segmentation_workers(run_config, plan, "run-a") == ["w0"]
     assert started["factory"].options["device"] == "cuda"
     (placement,) = started["placements"]
     assert (placement.num_gpus, placement.input_cap) == (1, 1024)
     assert placement.memory_share == MemoryShare(weights_mb=7510, worker_mb=9622)
-    assert [gb.worker_device(d) for d in ("auto", "cuda", "cuda:3", "cpu")] == [
+    assert [devices.worker_device(d) for d in ("auto", "cuda", "cuda:3", "cpu")] == [
         "auto",
         "cuda",
         "cuda",
@@ -118,7 +119,7 @@ def test_a_workers_refusal_reaches_the_user_as_its_message(
         }
     )
     with pytest.raises(UserError) as refused:
-        pipeline.start_segmentation_workers(run_config, None, "run-refused")
+        cluster.start_segmentation_workers(run_config, None, "run-refused")
     message = refused.value.in_words({})
     assert message.startswith("Sa2VA needs a CUDA GPU, and device 'cuda:0' found none")
     assert "Traceback" not in message and "ActorDiedError" not in message

@@ -4,7 +4,8 @@ with space completes every trial.
 Every PPO trial's first checkpoint hits ENOSPC, injected inside the trial processes
 (``SA2VA_RL_INJECT_ENOSPC``, inherited from the driver by Ray's workers): the driver's DiskWatch
 ends the Tune experiment at the first such failure (Tune would otherwise retry each trial), the
-run ends in words, and the reward-guided trial waits for nothing.
+run ends in words, and the reward-guided trial waits for nothing. Experiments 1 and 3 only (a
+PPO trial, the reward net and a trial that waits for it): the others add minutes, not behaviour.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from orchestrator.experiments import trials_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
+EXPERIMENTS = ("--experiment", "prompt", "--experiment", "reward")
+
 
 def test_full_disk_stops_in_words_and_resume_never_trains_a_finished_trial_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root, cache = tmp_path / "run", tmp_path / "cache"
     monkeypatch.setenv(INJECT_ENV, "/checkpoint")
-    assert main(smoke_args(root, cache)) == 2
+    assert main(smoke_args(root, cache, *EXPERIMENTS)) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     # The injected path is the trial's own staging copy of its checkpoint (Tune persists it

@@ -15,6 +15,7 @@ import pytest
 from models.errors import UserError
 from orchestrator import cli
 from orchestrator.gpu import budget as gb
+from orchestrator.gpu import devices, footprints
 from orchestrator.gpu import inventory as gpu_inventory
 
 BOX = "24:7.5,24:9.5,24:9.6,24:18.3"
@@ -107,7 +108,7 @@ def test_parse_inventory_rejects_bad_tokens(spec: str, message: str) -> None:
 def test_sa2va_footprints_from_parameter_counts() -> None:
     table = {
         name: (fp.params_m, fp.weights_mb, fp.worker_mb(256), fp.worker_mb(1024))
-        for name, fp in gb.FOOTPRINTS.items()
+        for name, fp in footprints.FOOTPRINTS.items()
     }
     assert table == {
         "frangi": (None, 0, 0, 0),
@@ -118,27 +119,27 @@ def test_sa2va_footprints_from_parameter_counts() -> None:
         "reward-net-train": (None, 512, 1024, 1024),
         "sa2va-head-train": (None, 768, 2048, 2048),
     }
-    assert gb.REWARD_NET_TRAIN_MB == 1024
-    assert gb.SA2VA_HEAD_TRAIN_MB == 2048
-    assert not gb.FOOTPRINTS["frangi"].needs_gpu
+    assert footprints.REWARD_NET_TRAIN_MB == 1024
+    assert footprints.SA2VA_HEAD_TRAIN_MB == 2048
+    assert not footprints.FOOTPRINTS["frangi"].needs_gpu
 
 
 @pytest.mark.parametrize(
     ("cap", "tiles"), [(256, 1), (448, 1), (512, 1), (896, 5), (950, 5), (951, 10), (1024, 10)]
 )
 def test_sa2va_tiles_follow_internvl_dynamic_preprocess(cap: int, tiles: int) -> None:
-    assert gb.sa2va_tiles(cap) == tiles
+    assert footprints.sa2va_tiles(cap) == tiles
 
 
 def test_footprint_for_config_values() -> None:
-    assert gb.footprint_for("sa2va", "8B") is gb.FOOTPRINTS["sa2va-8b"]
-    assert gb.footprint_for("frangi") is gb.FOOTPRINTS["frangi"]
-    assert gb.footprint_for("sa2va", "4B", model_gb=15) == gb.custom_footprint(15)
-    assert gb.custom_footprint(15).worker_mb(256) == 15360
+    assert footprints.footprint_for("sa2va", "8B") is footprints.FOOTPRINTS["sa2va-8b"]
+    assert footprints.footprint_for("frangi") is footprints.FOOTPRINTS["frangi"]
+    assert footprints.footprint_for("sa2va", "4B", model_gb=15) == footprints.custom_footprint(15)
+    assert footprints.custom_footprint(15).worker_mb(256) == 15360
     with pytest.raises(UserError, match="no GPU footprint for backend 'sa2va' size '2B'"):
-        gb.footprint_for("sa2va", "2B")
+        footprints.footprint_for("sa2va", "2B")
     with pytest.raises(UserError, match="--model-gb must be a positive number of GB, got 0"):
-        gb.custom_footprint(0)
+        footprints.custom_footprint(0)
 
 
 # --- the plan on the original box --------------------------------------------------------------
@@ -236,16 +237,18 @@ def test_refusal_says_how_far_to_lower_the_margin(plan_cli: Any, capsys: Any) ->
 
 def test_sa2va_8b_does_not_fit_the_busy_box_but_4b_does() -> None:
     inventory = gpu_inventory.parse_inventory(BOX)
-    plan = gb.build_plan(inventory, gb.FOOTPRINTS["sa2va-8b"], 1024)
+    plan = gb.build_plan(inventory, footprints.FOOTPRINTS["sa2va-8b"], 1024)
     assert not plan.feasible
     with pytest.raises(gb.PlanError, match="sa2va-8b needs one GPU with 18902 MB free"):
         plan.require_workers()
-    gb.build_plan(inventory, gb.FOOTPRINTS["sa2va-4b"], 1024).require_workers()
+    gb.build_plan(inventory, footprints.FOOTPRINTS["sa2va-4b"], 1024).require_workers()
 
 
 def test_input_cap_shrinks_before_the_worker_is_refused() -> None:
     # 9046 (1 tile) fits 10070 - 1024, 9622 (10 tiles at 1024 px) does not.
-    plan = gb.build_plan(gpu_inventory.parse_inventory("10:0.166"), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(
+        gpu_inventory.parse_inventory("10:0.166"), footprints.FOOTPRINTS["sa2va-4b"], 1024
+    )
     (slot,) = plan.all_gpus
     assert (slot.free_mb, slot.input_cap, slot.worker_mb, slot.left_mb) == (10070, 512, 9046, 0)
     assert plan.nodes[0].trial_gpu is None
@@ -326,7 +329,7 @@ def test_ray_start_args(plan_cli: Any, capsys: Any) -> None:
 
 def test_local_ray_settings_and_trial_device() -> None:
     plan = gb.build_plan(
-        gpu_inventory.parse_inventory("24:20,24:4,24:0"), gb.FOOTPRINTS["sa2va-4b"], 1024
+        gpu_inventory.parse_inventory("24:20,24:4,24:0"), footprints.FOOTPRINTS["sa2va-4b"], 1024
     )
     node = plan.local_node
     assert node.worker_gpus == (1, 2)
@@ -341,12 +344,12 @@ def test_local_ray_settings_and_trial_device() -> None:
     }
     assert node.ray_node_args() == {**plan.ray_init_kwargs(), "env_vars": node.env()}
     # Inside a trial (no Ray GPU, so the node's CUDA_VISIBLE_DEVICES is untouched):
-    assert gb.trial_cuda_device(node.env()) == "cuda:1"
-    assert gb.trial_cuda_device({"CUDA_VISIBLE_DEVICES": "0"}) is None
+    assert devices.trial_cuda_device(node.env()) == "cuda:1"
+    assert devices.trial_cuda_device({"CUDA_VISIBLE_DEVICES": "0"}) is None
     with pytest.raises(RuntimeError, match="SA2VA_TRIAL_GPU=2 is not in CUDA_VISIBLE_DEVICES"):
-        gb.trial_cuda_device({"SA2VA_TRIAL_GPU": "2", "CUDA_VISIBLE_DEVICES": "1"})
-    assert gb.trial_resources(1024) == {"cpu": 1.0, "gpu_mem_mb": 1024.0}
-    assert gb.worker_actor_options() == {
+        devices.trial_cuda_device({"SA2VA_TRIAL_GPU": "2", "CUDA_VISIBLE_DEVICES": "1"})
+    assert devices.trial_resources(1024) == {"cpu": 1.0, "gpu_mem_mb": 1024.0}
+    assert devices.worker_actor_options() == {
         "num_gpus": 1,
         "num_cpus": 0,
         "resources": {"sa2va_worker_slot": 1},
@@ -355,14 +358,16 @@ def test_local_ray_settings_and_trial_device() -> None:
 
 def test_multi_node_plan_has_no_local_init() -> None:
     plan = gb.build_plan(
-        gpu_inventory.parse_inventory("24:0;24:0"), gb.FOOTPRINTS["sa2va-1b"], 1024
+        gpu_inventory.parse_inventory("24:0;24:0"), footprints.FOOTPRINTS["sa2va-1b"], 1024
     )
     with pytest.raises(ValueError, match="the plan has 2 nodes"):
         plan.ray_init_kwargs()
 
 
 def test_require_trial_memory() -> None:
-    plan = gb.build_plan(gpu_inventory.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(
+        gpu_inventory.parse_inventory(BOX), footprints.FOOTPRINTS["sa2va-4b"], 1024
+    )
     plan.require_trial_memory(6250)
     with pytest.raises(gb.PlanError) as err:
         plan.require_trial_memory(6251, "reward-net training")
@@ -455,15 +460,19 @@ def test_only_gpu_trials_reserve_memory_and_the_refusal_comes_in_stage_3() -> No
 
     sa2va = {"name": "sa2va"}
     config = load_config(CONFIG_DIR / "smoke.yaml", {"backend": sa2va, "experiments": ["reward"]})
-    roomy = gb.build_plan(gpu_inventory.parse_inventory(BOX), gb.FOOTPRINTS["sa2va-4b"], 1024)
-    assert trial_gpu_mem_mb(config, roomy) == gb.REWARD_NET_TRAIN_MB == 1024
+    roomy = gb.build_plan(
+        gpu_inventory.parse_inventory(BOX), footprints.FOOTPRINTS["sa2va-4b"], 1024
+    )
+    assert trial_gpu_mem_mb(config, roomy) == footprints.REWARD_NET_TRAIN_MB == 1024
     assert trial_gpu_mem_mb(config, None) == 0  # the CPU backend: nothing to reserve
     # Fine-tuning Sa2VA's head: every GPU-using trial reserves the larger footprint.
     everything = load_config(CONFIG_DIR / "smoke.yaml", {"backend": sa2va})
-    assert trial_gpu_mem_mb(everything, roomy) == gb.SA2VA_HEAD_TRAIN_MB == 2048
+    assert trial_gpu_mem_mb(everything, roomy) == footprints.SA2VA_HEAD_TRAIN_MB == 2048
     no_reward = load_config(CONFIG_DIR / "smoke.yaml", {"experiments": ["prompt"]})
     assert trial_gpu_mem_mb(no_reward, roomy) == 0
-    tight = gb.build_plan(gpu_inventory.parse_inventory("24:14"), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    tight = gb.build_plan(
+        gpu_inventory.parse_inventory("24:14"), footprints.FOOTPRINTS["sa2va-4b"], 1024
+    )
     with pytest.raises(gb.PlanError, match="reward-net training needs 1024 MB"):
         trial_gpu_mem_mb(config, tight)
     with pytest.raises(gb.PlanError, match="Sa2VA head fine-tuning needs 2048 MB"):

@@ -26,6 +26,7 @@ from ray import tune  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from orchestrator.gpu import budget as gb  # noqa: E402
+from orchestrator.gpu import devices, footprints  # noqa: E402
 from orchestrator.gpu import inventory as gpu_inventory  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -44,7 +45,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[gb.GpuPlan, list[str]]]:
-    plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), gb.FOOTPRINTS["sa2va-4b"], 1024)
+    plan = gb.build_plan(
+        gpu_inventory.parse_inventory(INVENTORY), footprints.FOOTPRINTS["sa2va-4b"], 1024
+    )
     assert [n.gpu_mem_mb for n in plan.nodes] == [9834, 1642]
     assert [n.cuda_visible_devices for n in plan.nodes] == ["1,0", "0,1"]
     local = Cluster()
@@ -105,7 +108,7 @@ def hungry_trial(config: dict[str, Any]) -> None:
     ray.get(log.record.remote(f"{me}:end"))
     tune.report(
         {
-            "device": gb.trial_cuda_device(),
+            "device": devices.trial_cuda_device(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "overlapped": overlapped,
         }
@@ -116,7 +119,7 @@ def test_one_worker_per_planned_gpu_across_nodes(cluster: tuple[gb.GpuPlan, list
     _plan, (node0, node1) = cluster
     assert ray.cluster_resources()["GPU"] == 3  # node0's busy GPU 0 is not a Ray GPU
     assert ray.cluster_resources()[gb.WORKER_SLOT_RESOURCE] == 3
-    actors = [Probe.options(**gb.worker_actor_options()).remote() for _ in range(4)]
+    actors = [Probe.options(**devices.worker_actor_options()).remote() for _ in range(4)]
     try:
         refs = [a.where.remote() for a in actors]
         ready, pending = ray.wait(refs, num_returns=3, timeout=60)
@@ -138,7 +141,7 @@ def test_memory_hungry_trial_waits_for_the_memory(
     log = EventLog.options(name=EVENT_LOG).remote()
     try:
         tuner = tune.Tuner(
-            tune.with_resources(hungry_trial, gb.trial_resources(HUNGRY_MB)),
+            tune.with_resources(hungry_trial, devices.trial_resources(HUNGRY_MB)),
             param_space={"name": tune.grid_search(["a", "b"])},
             run_config=tune.RunConfig(storage_path=str(tmp_path), name="hungry", verbose=0),
         )

@@ -21,10 +21,10 @@ from fakes import FakeSegmenter
 
 from models.errors import UserError
 from models.segmentation import Segmentation
+from orchestrator.cluster import gpu_memory_lines
 from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare, describe
 from orchestrator.inference.stats import aggregate_stats
 from orchestrator.inference.worker import SegmentationWorker
-from orchestrator.pipeline import gpu_memory_lines
 
 MB = 2**20
 SHARE = MemoryShare(weights_mb=1000, worker_mb=1200)

@@ -203,6 +203,9 @@ def test_submitted_smoke_run_succeeds(head: Head, tmp_path: Path) -> None:
             str(output),
             "--cache-dir",
             str(tmp_path / "cache"),
+            # One experiment: the submission path is the point; the others add minutes.
+            "--experiment",
+            "prompt",
         ],
         env=head.client_env,
         capture_output=True,

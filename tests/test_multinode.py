@@ -33,7 +33,7 @@ from tiny_sa2va import write_tiny_sa2va
 
 from envs.sources import DataRef
 from models.errors import UserError
-from orchestrator import pipeline
+from orchestrator import cluster as run_cluster
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.data import PreparedData
 from orchestrator.gpu import budget as gb
@@ -69,7 +69,7 @@ def plan(model: Path) -> gb.GpuPlan:
         CONFIG_DIR / "smoke.yaml",
         {"backend": {"name": "sa2va", "model_path": str(model), "device": "cpu"}},
     )
-    footprint = pipeline.worker_footprint(config)
+    footprint = run_cluster.worker_footprint(config)
     plan = gb.build_plan(gpu_inventory.parse_inventory(INVENTORY), footprint, 1024)
     assert [len(node.worker_gpus) for node in plan.nodes] == [2, 2]
     assert [slot.input_cap for slot in plan.workers] == [1024, 1024, 1024, 512]
@@ -194,7 +194,7 @@ def test_a_folder_some_node_does_not_see_is_refused(
     ray.init(address=local.address, log_to_driver=False)
     try:
         with pytest.raises(UserError) as refused:
-            pipeline.check_shared_storage(config, RunPaths(root), prepared)
+            run_cluster.check_shared_storage(config, RunPaths(root), prepared)
     finally:
         ray.shutdown()
     message = str(refused.value)
@@ -211,7 +211,7 @@ def test_unseen_paths_lists_what_this_node_does_not_see(tmp_path: Path) -> None:
     (seen / "marker").write_text("n1")
     (stale / "marker").write_text("old")
     markers = {str(seen / "marker"): "n1", str(stale / "marker"): "n1", str(gone / "m"): "n1"}
-    assert pipeline.unseen_paths(markers, [str(seen), str(gone)]) == [
+    assert run_cluster.unseen_paths(markers, [str(seen), str(gone)]) == [
         str(stale),
         str(gone),
         str(gone),

@@ -36,7 +36,7 @@ from models.sa2va import (
 )
 from models.sa2va import generations as gen
 from models.sa2va.source import ModelSource
-from orchestrator import pipeline
+from orchestrator import cluster
 from orchestrator.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -382,7 +382,7 @@ def run_config(folder: Path, tmp_path: Path, **backend: Any) -> Any:
 def test_run_refuses_a_v1_checkpoint_before_ray(folders: dict[str, Path], tmp_path: Path) -> None:
     config = run_config(folders["v1"], tmp_path, device="cpu")
     with pytest.raises(UserError) as error:
-        pipeline.check_model_source(config)
+        cluster.check_model_source(config)
     message = str(error.value)
     assert "Sa2VA v1 remote code" in message and f"transformers {INSTALLED}" in message
     assert message.endswith(
@@ -399,20 +399,20 @@ def test_run_refuses_auto_without_cuda_unless_joining_a_cluster(
     config = run_config(folders["v2"], tmp_path)
     assert config.backend.device == "auto"
     with pytest.raises(UserError, match="Sa2VA needs a CUDA GPU, and device 'auto' found none"):
-        pipeline.check_model_source(config)
+        cluster.check_model_source(config)
     # The driver of a cluster run may sit on a node without GPUs: the workers check the device.
     # Their CUDA loads go straight to the GPU (device_map), which needs accelerate.
     if importlib.util.find_spec("accelerate") is None:
         with pytest.raises(UserError, match=r"needs the Python package\(s\) accelerate"):
-            pipeline.check_model_source(config, local=False)
+            cluster.check_model_source(config, local=False)
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(
             importlib.util,
             "find_spec",
             lambda name, *a: find_spec("os" if name == "accelerate" else name, *a),
         )
-    pipeline.check_model_source(config, local=False)
-    pipeline.check_model_source(run_config(folders["v2"], tmp_path, device="cpu"))
+    cluster.check_model_source(config, local=False)
+    cluster.check_model_source(run_config(folders["v2"], tmp_path, device="cpu"))
 
 
 # --- the workers' own runtime_env ---------------------------------------------------------------
@@ -421,13 +421,13 @@ def test_with_a_runtime_env_the_driver_leaves_the_environment_to_the_workers(
 ) -> None:
     runtime_env = {"pip": ["transformers==4.51.3"]}
     config = run_config(folders["v1"], tmp_path, device="cpu", runtime_env=runtime_env)
-    pipeline.check_model_source(config)  # the v1 code is read, its transformers not checked here
+    cluster.check_model_source(config)  # the v1 code is read, its transformers not checked here
     assert preflight(folders["v1"], device="cpu", environment=False).generation is V1  # type: ignore[union-attr]
     # A folder that is no Sa2VA checkpoint is still refused on the driver.
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
     with pytest.raises(UserError, match=r"has no auto_map\.AutoModel"):
-        pipeline.check_model_source(
+        cluster.check_model_source(
             run_config(tmp_path / "other", tmp_path, device="cpu", runtime_env=runtime_env)
         )
 
@@ -446,7 +446,7 @@ def test_segmentation_workers_run_in_the_backend_runtime_env(tmp_path: Path) -> 
     config = load_config(str(path))
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
-        names = pipeline.start_segmentation_workers(config, None, new_run_id())
+        names = cluster.start_segmentation_workers(config, None, new_run_id())
         worker = ray.get_actor(names[0], namespace=NAMESPACE)
         probe = worker.__ray_call__.remote(lambda self: os.environ.get("SA2VA_RL_PROBE"))
         assert ray.get(probe) == "own"

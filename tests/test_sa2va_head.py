@@ -123,7 +123,7 @@ def test_the_backend_registry_gives_the_head_backend_of_a_loaded_sa2va(
     assert isinstance(found, Sa2VAHeadBackend) and found.backend_id == v2.backend_id
     assert make_head_backend(found) is found
     client = SimpleNamespace(backend_id=v2.backend_id)  # e.g. a client of the workers
-    with pytest.raises(UserError, match="needs the loaded Sa2VASegmenter itself"):
+    with pytest.raises(UserError, match="a Sa2VA checkpoint loaded in this process"):
         make_head_backend(client)  # type: ignore[arg-type]
 
 

@@ -204,10 +204,10 @@ def test_config_sets_max_new_tokens_for_the_workers(
     from test_sa2va_generations import run_config
 
     from models.errors import UserError
-    from orchestrator import pipeline
+    from orchestrator import cluster
 
     config = run_config(folders["v2"], tmp_path, device="cpu", max_new_tokens=16)
-    assert pipeline.backend_spec(config)[1]["max_new_tokens"] == 16
+    assert cluster.backend_spec(config)[1]["max_new_tokens"] == 16
     assert run_config(folders["v2"], tmp_path).backend.max_new_tokens == 64
     with pytest.raises(UserError, match="max_new_tokens"):
         run_config(folders["v2"], tmp_path, max_new_tokens=0)

@@ -27,7 +27,7 @@ from tiny_sa2va import write_tiny_sa2va
 
 from models.errors import UserError
 from models.reward_net import RewardNet, load_checkpoint, save_checkpoint
-from orchestrator import pipeline
+from orchestrator import cluster, pipeline
 from orchestrator.cli import EXIT_USER_ERROR, main
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.training.ppo import ExportedPolicy
@@ -49,8 +49,8 @@ def test_local_ray_is_asked_for_a_localhost_dashboard(monkeypatch: pytest.Monkey
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    pipeline.start_ray(pipeline.RunOptions(num_cpus=1), None)
-    pipeline.start_ray(pipeline.RunOptions(address="auto"), None)
+    cluster.start_ray(pipeline.RunOptions(num_cpus=1), None)
+    cluster.start_ray(pipeline.RunOptions(address="auto"), None)
     local, joined = calls
     assert local["dashboard_host"] == "127.0.0.1"
     assert "0.0.0.0" not in repr(local) and "_node_ip_address" not in local
@@ -66,7 +66,7 @@ def test_local_ray_starts_with_token_auth_and_a_loopback_dashboard(
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # Ray's own default, whatever ran before
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert not ray.is_initialized()
-    pipeline.start_ray(pipeline.RunOptions(num_cpus=1, dashboard=True), None)
+    cluster.start_ray(pipeline.RunOptions(num_cpus=1, dashboard=True), None)
     try:
         assert is_token_auth_enabled()
         # Ray keeps no public accessor for this; the URL is what the dashboard bound to.
@@ -153,7 +153,7 @@ def test_other_bad_model_sources_are_refused_before_ray(
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, {"name": "sa2va", **backend})
     with pytest.raises(UserError, match=message):
-        pipeline.check_model_source(config)
+        cluster.check_model_source(config)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_pinned_local_or_explicitly_allowed_sources_pass(
         backend = {"model_path": str(write_tiny_sa2va(tmp_path / "tiny_sa2va_v2"))}
     # device cpu: this test is about the source; the device rules are in test_sa2va_generations.
     config = write_config(tmp_path, {"name": "sa2va", "device": "cpu", **backend})
-    pipeline.check_model_source(config)
+    cluster.check_model_source(config)
 
 
 def write_config(folder: Path, backend: dict[str, Any]) -> Any:

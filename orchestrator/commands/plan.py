@@ -22,6 +22,7 @@ import logging
 from models.errors import UserError
 from orchestrator.config import load_config
 from orchestrator.gpu import budget as gb
+from orchestrator.gpu import footprints
 from orchestrator.gpu import inventory as gpu_inventory
 
 DEFAULT_MODEL = "sa2va-4b"
@@ -56,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
         "--model",
-        choices=gb.SEGMENTER_MODELS,
+        choices=footprints.SEGMENTER_MODELS,
         help=f"segmentation backend whose footprint to plan (default {DEFAULT_MODEL})",
     )
     model.add_argument(
@@ -112,12 +113,12 @@ def _disk_plan(args: argparse.Namespace) -> int:
 
 def _footprint_table() -> str:
     lines = ["footprints (MB; 1 GB = 1024 MB; input cap 256 / 1024 px):"]
-    for name, fp in gb.FOOTPRINTS.items():
+    for name, fp in footprints.FOOTPRINTS.items():
         if not fp.needs_gpu:
             lines.append(f"  {name:<17} CPU only, no GPU memory")
             continue
         params = f", {fp.params_m / 1000:.2f} B params in bf16" if fp.params_m else ""
-        low, high = fp.worker_mb(gb.INPUT_CAPS[-1]), fp.worker_mb(gb.INPUT_CAPS[0])
+        low, high = fp.worker_mb(footprints.INPUT_CAPS[-1]), fp.worker_mb(footprints.INPUT_CAPS[0])
         span = f"{low}" if low == high else f"{low} / {high}"
         lines.append(f"  {name:<17} {span} ({fp.kind}{params})")
     return "\n".join(lines)
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _footprint(args: argparse.Namespace) -> gb.Footprint:
+def _footprint(args: argparse.Namespace) -> footprints.Footprint:
     if args.model_path is not None:
         from models.sa2va.checkpoint_size import read_model_weights
 
@@ -156,10 +157,10 @@ def _footprint(args: argparse.Namespace) -> gb.Footprint:
         size = args.model.removeprefix("sa2va-") if args.model else None
         if size == "frangi":
             raise UserError("--model frangi and --model-path: the folder is a Sa2VA model")
-        return gb.checkpoint_footprint(checkpoint, "bfloat16", size, args.model_gb)
+        return footprints.checkpoint_footprint(checkpoint, "bfloat16", size, args.model_gb)
     if args.model_gb is not None:
-        return gb.custom_footprint(args.model_gb)
-    return gb.FOOTPRINTS[args.model or DEFAULT_MODEL]
+        return footprints.custom_footprint(args.model_gb)
+    return footprints.FOOTPRINTS[args.model or DEFAULT_MODEL]
 
 
 def _read_inventory(args: argparse.Namespace) -> tuple[gpu_inventory.NodeInventory, ...]:
@@ -189,7 +190,7 @@ def format_plan(plan: gb.GpuPlan) -> str:
     """The plan as a table plus the worker, trial-memory and Ray summary lines."""
     fp = plan.footprint
     if fp.needs_gpu:
-        low, high = fp.worker_mb(gb.INPUT_CAPS[-1]), fp.worker_mb(gb.INPUT_CAPS[0])
+        low, high = fp.worker_mb(footprints.INPUT_CAPS[-1]), fp.worker_mb(footprints.INPUT_CAPS[0])
         need = f"{low}" if low == high else f"{low}-{high}"
         head = f"{fp.name}: a worker needs {need} MB + {plan.margin_mb} MB margin on one GPU"
     else:
@@ -230,10 +231,11 @@ def _summary(plan: gb.GpuPlan) -> list[str]:
         if node.trial_gpu is None:
             lines.append(f"{node.node}: no GPU memory left for trials.")
         else:
-            fits = node.gpu_mem_mb // gb.REWARD_NET_TRAIN_MB
+            fits = node.gpu_mem_mb // footprints.REWARD_NET_TRAIN_MB
             lines.append(
                 f"{node.node}: trials get GPU {node.trial_gpu}, {gb.GPU_MEM_RESOURCE}="
-                f"{node.gpu_mem_mb} ({fits} reward-net trainings of {gb.REWARD_NET_TRAIN_MB} MB)."
+                f"{node.gpu_mem_mb} ({fits} reward-net trainings of "
+                f"{footprints.REWARD_NET_TRAIN_MB} MB)."
             )
         env = " ".join(f"{k}={v}" for k, v in node.env().items())
         lines.append(

@@ -8,7 +8,8 @@ Stages (each prints a numbered line with its wall time):
      Frangi backend), refusing an infeasible plan before loading anything
   4. cache warm-up: every (image, prompt) pair once, shared by all trials and later runs
   5. Tune: PPO over prompts, PPO over post-processing, reward-net training then reward-guided
-     PPO, as concurrent trials sharing the workers (Tune's status table shows progress)
+     PPO and the segmenter's mask head fine-tuned against the reward net (with labels beside
+     it), as concurrent trials sharing the workers (Tune's status table shows progress)
   6. evaluation of every method on the same test images
   7. summary.json, report.md, plots; the comparison table is printed at the end
 

@@ -182,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
     from models.backends import make_segmenter
     from models.reward_net import save_checkpoint
     from models.segmentation import MemoSegmenter
+    from orchestrator.cluster import backend_spec
     from orchestrator.config import CONFIG_DIR, config_to_dict, load_config
-    from orchestrator.pipeline import backend_spec
     from orchestrator.run_dir import write_json
     from orchestrator.training.reward_net import fit
 

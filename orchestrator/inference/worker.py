@@ -40,26 +40,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
-import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.errors import UserError
 from models.segmentation import Segmentation, Segmenter, image_digest, segment_all
-from orchestrator import run_dir
 from orchestrator.inference.cache import (
     DEFAULT_MEMORY_BYTES,
     CacheHit,
     CacheKey,
     InferenceCache,
+)
+from orchestrator.inference.faults import (
+    free_cuda_cache,
+    is_cuda_fault,
+    is_cuda_oom,
+    record_incarnation,
 )
 from orchestrator.inference.gpu_memory import GpuMeter, MemoryShare
 from orchestrator.inference.stats import WorkerStats
@@ -149,7 +150,7 @@ class SegmentationWorker:
     ) -> None:
         self.name = name
         self._factory_description = describe_factory(backend_factory)
-        restarts, in_ray = _record_incarnation(name, cache_dir)
+        restarts, in_ray = record_incarnation(name, cache_dir)
         self._in_ray = in_ray
         self._stats = WorkerStats(name, restarts=restarts, export=in_ray)
         self._memory = GpuMeter(name, memory_share)
@@ -202,7 +203,7 @@ class SegmentationWorker:
         if isinstance(err, UserError):
             return err
         share = self._memory.share
-        if share is None or not _is_cuda_oom(err):
+        if share is None or not is_cuda_oom(err):
             raise err
         return UserError(
             f"{self.name}: out of GPU memory while loading the backend, capped at its planned "
@@ -386,9 +387,9 @@ class SegmentationWorker:
                 with self._memory.call():
                     segs = segment_all(self._backend, image, prompts)
             except Exception as err:
-                if _is_cuda_fault(err) and self._in_ray:
+                if is_cuda_fault(err) and self._in_ray:
                     self._end_process(image, prompts, err)
-                if not _is_cuda_oom(err):
+                if not is_cuda_oom(err):
                     raise
                 message = str(err)
             else:
@@ -420,7 +421,7 @@ class SegmentationWorker:
         self, image: np.ndarray, prompts: list[str], message: str, attempt: int
     ) -> None:
         """Free memory and lower the cap for a retry, or raise when nothing is left to lower."""
-        _free_cuda_cache()
+        free_cuda_cache()
         side = max(image.shape[:2])
         effective = min(self._current_cap() or side, side)
         lowered = effective // 2
@@ -485,61 +486,3 @@ class _CachedPath:
 
     def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
         return self._worker.segment_prompts(image, prompts)
-
-
-def _is_cuda_oom(err: BaseException) -> bool:
-    # torch is only in sys.modules if the backend imported it; a backend that never imported
-    # torch cannot raise its OOM, and the worker need not pay torch's import time.
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(err, oom_type)
-
-
-def _is_cuda_fault(err: BaseException) -> bool:
-    """A CUDA error that is not an OOM (``torch.AcceleratorError``, or a RuntimeError that
-    says "CUDA error" on builds without that type)."""
-    torch = sys.modules.get("torch")
-    if torch is None or _is_cuda_oom(err):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(err, accelerator_error):
-        return True
-    return isinstance(err, RuntimeError) and "CUDA error" in str(err)
-
-
-def _free_cuda_cache() -> None:
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _record_incarnation(name: str, cache_dir: str | None) -> tuple[int, bool]:
-    """Count this start of the actor; returns (restarts before this one, running inside Ray).
-
-    The count lives in a file keyed by the actor id, which stays the same across restarts: under
-    ``<cache_dir>/.workers/`` (shared storage also covers a restart on another node), else in the
-    temp dir. Ray's ``was_current_actor_reconstructed`` guarantees at least 1 after a restart.
-    """
-    ray = sys.modules.get("ray")  # an actor's process has imported Ray; without it, no Ray
-    if ray is None or not ray.is_initialized():
-        return 0, False
-    context = ray.get_runtime_context()
-    actor_id = context.get_actor_id()
-    if actor_id is None:
-        return 0, False
-    state_dir = Path(cache_dir) / ".workers" if cache_dir else Path(tempfile.gettempdir())
-    path = state_dir / f"sa2va_rl-{name}-{actor_id}.incarnations"
-    try:
-        previous = int(path.read_text()) if path.exists() else 0
-    except (OSError, ValueError):
-        previous = 0
-    try:
-        run_dir.write_text(path, str(previous + 1))
-    except OSError as err:
-        log.warning("%s: cannot record the restart count in %s: %s", name, path, err)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Ray 2.60 warns from inside
-        reconstructed = bool(context.was_current_actor_reconstructed)
-    return (max(previous, 1) if reconstructed else previous), True

@@ -241,7 +241,7 @@ def _select(by_labels: bool) -> Any:
 
 
 def _device(spec: TrialSpec) -> str:
-    from orchestrator.gpu.budget import trial_torch_device
+    from orchestrator.gpu.devices import trial_torch_device
 
     return trial_torch_device(spec.gpu_mem_mb)
 

@@ -58,7 +58,8 @@ class LocalSink:
 
 def train_locally(options: RunOptions, experiment: str) -> list[TrialOutcome]:
     """Run every trial of ``experiment`` in this process; returns how each ended."""
-    from orchestrator.pipeline import backend_spec, resolve_config
+    from orchestrator.cluster import backend_spec
+    from orchestrator.pipeline import resolve_config
     from orchestrator.training.finetune import run_finetune
     from orchestrator.training.loop import train_ppo
     from orchestrator.training.reward_net import train_run_reward_net

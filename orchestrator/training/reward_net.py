@@ -103,7 +103,7 @@ def _train(spec: TrialSpec, segmenter: Segmenter, sink: ResultSink) -> dict[str,
         export_progress(spec.trial.name, {mk.REWARD_NET_VAL_MAE: val_mae})
         sink.report({mk.REWARD_NET_EPOCH: float(epoch), mk.REWARD_NET_VAL_MAE: val_mae})
 
-    from orchestrator.gpu.budget import trial_torch_device
+    from orchestrator.gpu.devices import trial_torch_device
 
     device = trial_torch_device(spec.gpu_mem_mb)
     model, report = fit(run, examples["train"], examples["val"], on_epoch=on_epoch, device=device)

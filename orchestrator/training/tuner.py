@@ -55,11 +55,11 @@ def trial_cpus(n_trials: int) -> float:
 def resources_for(cpus: float, gpu_mem_mb: int) -> Callable[[dict[str, Any]], dict[str, float]]:
     """Per-trial resource request (a function of the trial's config, as Tune allows): only a
     trial that uses a GPU asks for ``gpu_mem_mb`` (and only when the plan left any)."""
-    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import devices
 
     def request(config: dict[str, Any]) -> dict[str, float]:
         if trial(config["trial"]).uses_gpu and gpu_mem_mb:
-            return gb.trial_resources(gpu_mem_mb, cpus=cpus)
+            return devices.trial_resources(gpu_mem_mb, cpus=cpus)
         return {"cpu": cpus}
 
     return request
@@ -70,14 +70,14 @@ def trial_gpu_mem_mb(config: RunConfig, plan: GpuPlan | None) -> int:
     for trials (else 0: they train on the CPU): the largest footprint among them, reward-net
     training's or, fine-tuning a Sa2VA head, that head's. Raises the plan's refusal when some
     memory is left but too little (call it in stage 3)."""
-    from orchestrator.gpu import budget as gb
+    from orchestrator.gpu import footprints
 
     users = [t for t in trials_for(config) if t.uses_gpu]
     if not users or plan is None or not any(node.gpu_mem_mb for node in plan.nodes):
         return 0
-    need, what = gb.REWARD_NET_TRAIN_MB, "reward-net training"
+    need, what = footprints.REWARD_NET_TRAIN_MB, "reward-net training"
     if config.backend.name == "sa2va" and any(t.head_objective for t in users):
-        need, what = max(need, gb.SA2VA_HEAD_TRAIN_MB), "Sa2VA head fine-tuning"
+        need, what = max(need, footprints.SA2VA_HEAD_TRAIN_MB), "Sa2VA head fine-tuning"
     plan.require_trial_memory(need, what)
     return need
 
