@@ -226,7 +226,7 @@ def plot_hacking(histories: Mapping[str, Mapping[str, Any]], out: Path) -> str |
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("fine-tuning step")
             ax.grid(alpha=0.3)
-        axes[0].legend(loc="best", fontsize=8, title="trial (faint: other seeds)")
+        axes[1].legend(loc="best", fontsize=8, title="trial (faint: other seeds)")
         fig.suptitle("Reward hacking? Val images along fine-tuning; circles: the kept head")
     return None
 
