@@ -240,19 +240,21 @@ def run_needs_of(
     config: RunConfig, paths: RunPaths, pairs: int, image_hw: tuple[int, int]
 ) -> list[DiskNeed]:
     """:func:`run_needs` of a run of ``config`` into ``paths`` that segments ``pairs`` new
-    (image, prompt) pairs of about ``image_hw`` pixels each."""
-    from orchestrator.experiments import trials_for
+    (image, prompt) pairs of about ``image_hw`` pixels each (every trial instance: one per
+    training seed for a seeded trial)."""
+    from orchestrator.experiments import instances, trials_for
 
     trials = trials_for(config)
+    count = {t.name: len(instances(t, config)) for t in trials}
     return run_needs(
         paths.root,
         Path(config.workers.cache_dir).expanduser(),
         pairs,
         image_hw,
-        len(trials),
+        sum(count.values()),
         -(-config.ppo.total_env_steps // config.ppo.train_batch_size),
         any(t.trains_reward_net for t in trials),
-        (sum(1 for t in trials if t.head_objective), export_bytes(config)),
+        (sum(count[t.name] for t in trials if t.head_objective), export_bytes(config)),
     )
 
 

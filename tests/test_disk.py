@@ -54,6 +54,37 @@ def test_plan_adds_needs_per_filesystem_and_refuses_with_figures(tmp_path: Path)
     plan_disk(needs, free=lambda _: 350 * MB).require()  # exactly enough fits
 
 
+def test_each_fine_tuned_model_is_planned_at_its_export_size(tmp_path: Path) -> None:
+    """A Sa2VA export copies the checkpoint: its weight bytes (read from the folder) + slack per
+    head trial; a Frangi export is a small head folder."""
+    from orchestrator.config import load_config
+    from orchestrator.disk import FRANGI_HEAD_EXPORT_BYTES, SA2VA_EXPORT_SLACK_BYTES, run_needs_of
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    header = json.dumps(
+        {"w": {"dtype": "BF16", "shape": [1000, 1000], "data_offsets": [0, 2 * MB]}}
+    )
+    (folder / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header.encode() + bytes(2 * MB)
+    )
+    (folder / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    paths = RunPaths(tmp_path / "run")
+    sa2va = load_config(
+        CONFIGS / "smoke.yaml", {"backend": {"name": "sa2va", "model_path": str(folder)}}
+    )
+    (export,) = [n for n in run_needs_of(sa2va, paths, 0, (64, 64)) if "fine-tuned" in n.what]
+    assert export.what == "fine-tuned models, 2 exports"
+    assert export.bytes == 2 * (2 * MB + SA2VA_EXPORT_SLACK_BYTES)
+    assert export.path == paths.root / "finetune"
+    frangi = load_config(CONFIGS / "smoke.yaml")
+    (small,) = [n for n in run_needs_of(frangi, paths, 0, (64, 64)) if "fine-tuned" in n.what]
+    assert small.bytes == 2 * FRANGI_HEAD_EXPORT_BYTES
+    two_seeds = load_config(CONFIGS / "smoke.yaml", {"ppo": {"seeds": 2}})
+    (seeded,) = [n for n in run_needs_of(two_seeds, paths, 0, (64, 64)) if "fine-tuned" in n.what]
+    assert seeded.what == "fine-tuned models, 4 exports"
+
+
 def test_run_too_big_for_the_disk_is_refused_before_ray_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
