@@ -77,7 +77,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="YAML",
         help="tune_configs/smoke.yaml (minutes, for CI), quick.yaml (the original quick mode's "
-        "2,000 env steps per experiment, on all 112 training images: about 2.5 minutes on 2 "
+        "2,000 env steps per experiment, on all 112 training images: about 5 minutes on 2 "
         "cores; the default) or full.yaml (100 images, 10,000 steps); with --resume the saved "
         "config is used",
     )
