@@ -24,8 +24,8 @@ from orchestrator.evaluation.examples import (
 from orchestrator.evaluation.statistics import MethodSummary, best_method, ordered
 from orchestrator.experiments import PPO_TRIALS, parse_instance
 from orchestrator.report.finetune import read_histories
-from orchestrator.report.markdown import TARGET
 from orchestrator.report.record import RunRecord, TuneTrial, relative
+from orchestrator.report.verdicts import TARGET
 from orchestrator.training.reward_predictions import RewardNetPredictions
 
 if TYPE_CHECKING:
