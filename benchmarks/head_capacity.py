@@ -49,6 +49,7 @@ from models.head_training import (
     LabelLoss,
     TrainSettings,
     evaluate_head,
+    soft_dice_loss,
     train_head,
 )
 from models.metrics import mask_metrics
@@ -77,10 +78,7 @@ class SharpDice:
         truth: torch.Tensor | None,
     ) -> torch.Tensor:
         assert truth is not None
-        prob = torch.sigmoid(self.sharpness * logits)
-        overlap = (prob * truth).sum(dim=(1, 2))
-        dice = 2 * overlap / (prob.sum(dim=(1, 2)) + truth.sum(dim=(1, 2)) + 1.0)
-        return (1 - dice).mean()
+        return soft_dice_loss(torch.sigmoid(self.sharpness * logits), truth)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from models.errors import UserError
 from models.frangi import PRESETS, FrangiSegmenter, drop_small_components, preset_name_for
-from models.heads import FrozenInputs
+from models.heads import FrozenInputs, HeadSegmenter
 from models.segmentation import Segmentation, Segmenter, segment_all
 
 EPS = 1e-6
@@ -202,36 +202,22 @@ class FrangiHeadBackend:
         return head.export(folder, provenance, self.backend_id)
 
 
-class FrangiHeadSegmenter:
-    """A :class:`~models.segmentation.Segmenter`: the base Frangi segmenter, then ``head``.
+class FrangiHeadSegmenter(HeadSegmenter):
+    """A :class:`~models.segmentation.Segmenter`: the base Frangi segmenter, then ``head``
+    (:class:`~models.heads.HeadSegmenter` over a :class:`FrangiHeadBackend`).
 
-    ``backend_id`` is ``frangi-head:<sha256 of the head's config and weights, 12 hex>``.
+    ``backend_id`` is ``frangi-head:<sha256 of the head's config and weights, 12 hex>``, the id
+    an exported head folder keeps wherever it is loaded.
     """
 
     def __init__(self, head: FrangiHead, base: Segmenter | None = None) -> None:
-        self.head = head.eval()
-        self.backend = FrangiHeadBackend(base)
-        self._backend_id = "frangi-head:" + head_digest(head, self.backend_id_base)
+        backend = FrangiHeadBackend(base)
+        super().__init__(head.eval(), backend)
+        self._backend_id = "frangi-head:" + head_digest(head, backend.backend_id)
 
     @property
     def backend_id_base(self) -> str:
         return self.backend.backend_id
-
-    @property
-    def backend_id(self) -> str:
-        return self._backend_id
-
-    def segment(self, image: np.ndarray, prompt: str) -> Segmentation:
-        return self.segment_prompts(image, [prompt])[0]
-
-    def segment_prompts(self, image: np.ndarray, prompts: Sequence[str]) -> list[Segmentation]:
-        """Every prompt's segmentation of ``image`` (one base request per prompt)."""
-        found = []
-        with torch.no_grad():
-            for inputs in self.backend.frozen_inputs(image, prompts):
-                prob = torch.sigmoid(self.head(inputs)).cpu().numpy().astype(np.float32)
-                found.append(head_segmentation(prob, inputs))
-        return found
 
 
 def head_digest(head: FrangiHead, base_backend_id: str) -> str:

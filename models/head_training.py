@@ -73,6 +73,14 @@ def reward_scores(
     return (1 - recall_weight) * out[:, 0] + recall_weight * out[:, 1]
 
 
+def soft_dice_loss(prob: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``1 - soft Dice`` of soft masks ``prob`` against ``truth``
+    (both (N, H, W); +1 in the denominator keeps empty masks finite)."""
+    overlap = (prob * truth).sum(dim=(1, 2))
+    dice = 2 * overlap / (prob.sum(dim=(1, 2)) + truth.sum(dim=(1, 2)) + 1.0)
+    return (1 - dice).mean()
+
+
 def bernoulli_kl(prob: torch.Tensor, start: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Mean per-pixel KL(Bernoulli(prob) || Bernoulli(start))."""
     p, q = prob.clamp(eps, 1 - eps), start.clamp(eps, 1 - eps)
@@ -167,10 +175,8 @@ class LabelLoss:
     ) -> torch.Tensor:
         if truth is None:
             raise ValueError("the supervised head needs labelled images")
-        prob = torch.sigmoid(logits)
-        overlap = (prob * truth).sum(dim=(1, 2))
-        dice = 2 * overlap / (prob.sum(dim=(1, 2)) + truth.sum(dim=(1, 2)) + 1.0)
-        return F.binary_cross_entropy_with_logits(logits, truth) + (1 - dice).mean()
+        bce = F.binary_cross_entropy_with_logits(logits, truth)
+        return bce + soft_dice_loss(torch.sigmoid(logits), truth)
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,12 @@ from conftest import SmokeRun, smoke_args
 from ray import tune
 from tensorboardX.proto import event_pb2
 
+from orchestrator import experiments as registry
 from orchestrator import metric_keys as mk
 from orchestrator.cli import main
 from orchestrator.run_dir import RunPaths
 
-TRIALS = {
-    "prompt",
-    "postprocess",
-    "reward_net",
-    "reward_guided",
-    "combined",
-    "reward_finetune",
-    "supervised_finetune",
-}
+TRIALS = {t.name for t in registry.TRIALS}  # every trial (test_run_dir pins the registry)
 PPO_TRIALS = {"prompt", "postprocess", "reward_guided", "combined"}
 # The end-to-end runs below need a PPO trial, the reward net and a trial that waits for it, not
 # every trial: experiments 1 and 3 keep them to 3 trials instead of 7.

@@ -12,6 +12,7 @@ import torch
 from envs.sources import DataRef
 from envs.synthetic import generate_samples
 from models.errors import UserError
+from orchestrator import experiments as registry
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.evaluation.methods import make_evaluator
 from orchestrator.evaluation.stage import policy_steps
@@ -45,15 +46,8 @@ def _spec(trial_name: str, root: Path, config=SMOKE) -> TrialSpec:  # type: igno
 
 
 def test_every_ppo_trial_runs_once_per_seed_with_its_own_ppo_seed(tmp_path: Path) -> None:
-    assert instance_names(SMOKE) == [
-        "prompt",
-        "postprocess",
-        "reward_net",
-        "reward_guided",
-        "combined",
-        "reward_finetune",
-        "supervised_finetune",
-    ]
+    # One seed: every trial once, in the registry's order (test_run_dir pins the registry).
+    assert instance_names(SMOKE) == [t.name for t in registry.TRIALS]
     assert instance_names(TWO_SEEDS) == [
         "prompt",
         "prompt_seed1",
