@@ -37,8 +37,9 @@ from envs.synthetic import generate_samples
 from models.frangi import FrangiSegmenter
 from models.prompts import CANDIDATE_PROMPTS
 from models.segmentation import image_digest
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.cache import CacheKey, InferenceCache
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 
 ENTRY_SUFFIXES = (".npz", ".entry")
 

@@ -153,8 +153,9 @@ def fixtures_bf16() -> dict[str, Any]:
 def memory_vs_plan() -> dict[str, Any]:
     from models.sa2va.checkpoint_size import read_weights
     from orchestrator.gpu import footprints
+    from orchestrator.inference.backend_spec import BackendSpec
     from orchestrator.inference.gpu_memory import MemoryShare
-    from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+    from orchestrator.inference.worker import SegmentationWorker
 
     folder = fixture("v2")
     weights = read_weights(folder)

@@ -23,8 +23,9 @@ import yaml
 from orchestrator.config import parse_config
 from orchestrator.data import prepare_data
 from orchestrator.experiments import TrialSpec, trial
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 from orchestrator.run_dir import RunPaths
 from orchestrator.run_id import new_run_id
 from orchestrator.training.finetune import HISTORY_FILE, run_finetune, trial_dir

@@ -211,6 +211,7 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
     from orchestrator.config import cpu_worker_count
     from orchestrator.gpu import budget as gb
     from orchestrator.gpu import devices
+    from orchestrator.inference.backend_spec import BackendSpec
     from orchestrator.inference.gpu_memory import MemoryShare
     from orchestrator.inference.pool import (
         WorkerPlacement,
@@ -218,7 +219,6 @@ def start_segmentation_workers(config: RunConfig, plan: GpuPlan | None, run_id: 
         run_prefix,
         start_workers,
     )
-    from orchestrator.inference.worker import BackendSpec
 
     name, backend_options = backend_spec(config)
     if plan is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +25,7 @@ from pydantic import (
 
 from models.errors import UserError
 from models.prompts import CANDIDATE_PROMPTS, DEFAULT_PROMPT, DEFAULT_PROMPT_SET, PROMPT_SETS
+from orchestrator.config_files import describe_error, merge, read_yaml
 
 CONFIG_DIR = Path(__file__).parent / "tune_configs"
 """The shipped configs: ``orchestrator/tune_configs``, a link to the checkout's
@@ -373,69 +373,12 @@ def finetune_supported(backend: str, model_path: str | None) -> bool:
     return backend == "sa2va" or (backend == "frangi" and model_path is None)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if path in seen:
-        raise UserError(f"{path}: 'extends' forms a cycle: {' -> '.join(map(str, seen))}")
-    if not path.is_file():
-        raise UserError(
-            f"config file {path} not found; the shipped ones are in {CONFIG_DIR} "
-            f"({', '.join(sorted(p.name for p in CONFIG_DIR.glob('*.yaml')))})"
-        )
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise UserError(
-            f"{path}: the top level must be a mapping of keys, got {type(data).__name__}"
-        )
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    return _merge(_read_yaml(path.parent / str(parent), (*seen, path)), data)
-
-
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    section: type[BaseModel] = RunConfig
-    for part in loc:
-        field = section.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        section = annotation
-    return section
-
-
-def _describe(error: Any) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        section = _section_at(tuple(error["loc"][:-1]))
-        allowed = f"; allowed here: {', '.join(section.model_fields)}" if section else ""
-        return f"unknown key {key!r}{allowed}"
-    if error["type"] == "value_error":
-        where = "" if key == "(top level)" else f"key {key!r}: "
-        return where + error["msg"].removeprefix("Value error, ")
-    if error["type"] == "literal_error":
-        return f"key {key!r}: got {error['input']!r}, allowed: {error['ctx']['expected']}"
-    return f"key {key!r}: {error['msg']} (got {error['input']!r})"
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a config mapping; a ``UserError`` lists every bad key with what is allowed."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        problems = "\n  ".join(_describe(e) for e in err.errors())
+        problems = "\n  ".join(describe_error(RunConfig, e) for e in err.errors())
         raise UserError(
             f"{source}: invalid config:\n  {problems}\n"
             "Every key is documented in orchestrator/config.py; fix or remove the keys above."
@@ -445,15 +388,15 @@ def parse_config(data: dict[str, Any], source: str = "config") -> RunConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load ``path`` (following ``extends``), apply ``overrides`` (nested dict), validate."""
     resolved = Path(path).expanduser()
-    data = _read_yaml(resolved.resolve())
+    data = read_yaml(resolved.resolve(), CONFIG_DIR)
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     return parse_config(data, source=str(path))
 
 
 def with_overrides(config: RunConfig, overrides: dict[str, Any], source: str) -> RunConfig:
     """``config`` with ``overrides`` (nested dict) applied, validated like a loaded one."""
-    return parse_config(_merge(config_to_dict(config), overrides), source=source)
+    return parse_config(merge(config_to_dict(config), overrides), source=source)
 
 
 def config_to_dict(config: RunConfig) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from orchestrator.config import parse_config
 from orchestrator.gpu import budget as gb
 from orchestrator.gpu import devices
 from orchestrator.gpu.inventory import parse_inventory
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.gpu_memory import MemoryShare
-from orchestrator.inference.worker import BackendSpec
 
 PARAMS_4B = 3_937_000_000
 """Sa2VA-4B in the footprint table: 7510 MB of bf16 weights, 9622 MB a worker at 1024 px."""

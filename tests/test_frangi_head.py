@@ -40,8 +40,9 @@ from models.reward_net import RewardNet, image_channel
 from models.segmentation import Segmentation
 from orchestrator.config import CONFIG_DIR, load_config
 from orchestrator.experiments import TrialSpec, trial, trials_for, trials_of_experiment
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 from orchestrator.run_id import new_run_id
 from orchestrator.training import trial_status as status
 from orchestrator.training.finetune import head_examples, run_finetune

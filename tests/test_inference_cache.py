@@ -17,6 +17,7 @@ import pytest
 from fakes import FakeBackendFactory, FakeSegmenter, fake_answer, random_image, read_events
 
 from models.segmentation import Segmentation, image_digest
+from orchestrator.inference.backend_spec import BackendSpec, describe_factory
 from orchestrator.inference.cache import (
     CacheKey,
     InferenceCache,
@@ -25,12 +26,7 @@ from orchestrator.inference.cache import (
 )
 from orchestrator.inference.cache_entry import LEVELS, compact, encode, quantise
 from orchestrator.inference.stats import aggregate_stats, percentile
-from orchestrator.inference.worker import (
-    BackendSpec,
-    SegmentationOutOfMemoryError,
-    SegmentationWorker,
-    describe_factory,
-)
+from orchestrator.inference.worker import SegmentationOutOfMemoryError, SegmentationWorker
 
 PROMPT = "segment the blood vessel"
 

@@ -14,8 +14,9 @@ from orchestrator.config import parse_config
 from orchestrator.data import prepare_data
 from orchestrator.evaluation.stage import evaluate_run, head_models
 from orchestrator.experiments import HEAD_TRIALS, PPO_TRIALS, TrialOutcome
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 from orchestrator.run_dir import BEST_POLICY_FILE, RunPaths
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

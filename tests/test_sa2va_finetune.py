@@ -24,8 +24,9 @@ from orchestrator.cli import main
 from orchestrator.config import CONFIG_DIR
 from orchestrator.data import prepare_data
 from orchestrator.evaluation.stage import head_segmenters
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 from orchestrator.run_dir import RunPaths
 from orchestrator.training.finetune import head_state_file, model_dir
 

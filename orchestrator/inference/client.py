@@ -36,6 +36,7 @@ import numpy as np
 
 from models.errors import UserError
 from models.segmentation import Segmentation, image_digest
+from orchestrator.inference.backend_spec import check_image
 from orchestrator.inference.stats import aggregate_stats
 from orchestrator.inference.transport import (
     CALL_TIMEOUT_S,
@@ -49,7 +50,7 @@ from orchestrator.inference.transport import (
     WorkerTransport,
     WorkerUnavailable,
 )
-from orchestrator.inference.worker import SegmentationWorker, check_image
+from orchestrator.inference.worker import SegmentationWorker
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,11 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from models.errors import UserError
+from orchestrator.inference.backend_spec import BackendFactory, describe_factory
 from orchestrator.inference.cache import DEFAULT_MEMORY_BYTES
 from orchestrator.inference.gpu_memory import MemoryShare
 from orchestrator.inference.transport import NAMESPACE, SegmentationWorkerUnavailableError
-from orchestrator.inference.worker import (
-    DEFAULT_MIN_INPUT_CAP,
-    BackendFactory,
-    SegmentationWorker,
-    describe_factory,
-)
+from orchestrator.inference.worker import DEFAULT_MIN_INPUT_CAP, SegmentationWorker
 
 WORKER_NAME_PREFIX = "segmentation-worker"
 MAX_RESTARTS = 10

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.segmentation import image_digest
+from orchestrator.inference.backend_spec import check_image
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import check_image
 
 DEFAULT_WINDOW = 2
 """Requests in flight per worker: one image computing, the next queued at its model lock."""

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from orchestrator import run_dir
 from orchestrator.data import prepare_data
 from orchestrator.experiments import TrialOutcome, TrialSpec, trials_of_experiment
+from orchestrator.inference.backend_spec import BackendSpec
 from orchestrator.inference.client import SegmentationClient
-from orchestrator.inference.worker import BackendSpec, SegmentationWorker
+from orchestrator.inference.worker import SegmentationWorker
 from orchestrator.run_dir import RunPaths
 from orchestrator.run_id import ensure_run_id
 from orchestrator.training.trial_status import host_locally, reporting
